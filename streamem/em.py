@@ -1,0 +1,192 @@
+"""The driver: data passes over chunks and the batch EM loop.
+
+This is the only module that builds and computes Dask graphs. A *data pass*
+maps a function over the row chunks of the data, combines the per-chunk
+results in a fixed tree ordered by chunk index (so the rounding does not
+depend on the number of workers or on scheduling) and computes the whole
+thing with exactly one ``dask.compute``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import dask
+import numpy as np
+
+from streamem.data import InputData
+from streamem.stats import SuffStats
+
+logger = logging.getLogger("streamem")
+
+#: How many partial results one reduction task combines.
+TREE_FAN_IN = 8
+
+
+#: A per-chunk function: (chunk, first global row of the chunk, payload) -> value.
+BlockFn = Callable[[np.ndarray, int, Any], Any]
+
+
+@dataclass
+class BlockResult:
+    """What one chunk returns: a value plus a record of non-finite entries."""
+
+    value: Any
+    n_bad: int = 0
+    bad_rows: tuple[int, int] | None = None
+
+
+def _run_block(fn: BlockFn, block: np.ndarray, payload: Any, offset: int, check_block: bool) -> BlockResult:
+    value = fn(block, offset, payload)
+    if not check_block and _all_finite(value):
+        return BlockResult(value)
+    bad = ~np.isfinite(block)
+    if not bad.any():
+        return BlockResult(value)  # e.g. an overflow: not the data's fault
+    rows = np.flatnonzero(bad.any(axis=1))
+    return BlockResult(value, int(bad.sum()), (offset + int(rows[0]), offset + int(rows[-1])))
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, SuffStats):
+        return all(np.isfinite(v).all() for v in value.arrays.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return bool(np.isfinite(value).all())
+
+
+def _combine(combine: Callable[[Any, Any], Any], *parts: BlockResult) -> BlockResult:
+    value = parts[0].value
+    for part in parts[1:]:
+        value = combine(value, part.value)
+    spans = [p.bad_rows for p in parts if p.bad_rows is not None]
+    bad_rows = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
+    return BlockResult(value, sum(p.n_bad for p in parts), bad_rows)
+
+
+def add_elementwise(a: Sequence[SuffStats], b: Sequence[SuffStats]) -> list[SuffStats]:
+    """Combine the statistics of several models, model by model."""
+    return [x + y for x, y in zip(a, b)]
+
+
+class DataPasses:
+    """Runs passes over the chunks of one data set.
+
+    Parameters
+    ----------
+    data : InputData
+    scheduler : str or distributed.Client
+        Passed to ``dask.compute``.
+    """
+
+    def __init__(self, data: InputData, scheduler: Any):
+        self.data = data
+        self.scheduler = scheduler
+        self.offsets = data.row_offsets()
+        self.blocks = list(data.array.to_delayed().ravel())
+        self.n_passes = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.blocks)
+
+    def run(self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False) -> Any:
+        """``combine``-reduce ``fn(chunk, offset, payload)`` over all chunks, in chunk order.
+
+        Raises ValueError naming the count and row range of non-finite values
+        if the data hold any. The chunk itself is scanned when
+        ``check_block`` or when ``fn``'s result is not finite.
+        """
+        payload = dask.delayed(payload, pure=True)
+        level = [
+            dask.delayed(_run_block, pure=True)(fn, block, payload, int(off), check_block)
+            for block, off in zip(self.blocks, self.offsets)
+        ]
+        while len(level) > 1:
+            level = [
+                dask.delayed(_combine, pure=True)(combine, *level[i : i + TREE_FAN_IN])
+                for i in range(0, len(level), TREE_FAN_IN)
+            ]
+        (result,) = dask.compute(level[0], scheduler=self.scheduler)
+        self.n_passes += 1
+        if result.n_bad:
+            lo, hi = result.bad_rows
+            raise ValueError(
+                f"X contains {result.n_bad} non-finite values (NaN or inf) in rows {lo} to {hi}; "
+                "remove or impute them before fitting"
+            )
+        return result.value
+
+
+@dataclass
+class EMRun:
+    """The state of one EM run (one initialisation)."""
+
+    params: Any
+    lower_bound: float = -np.inf
+    lower_bounds: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+
+
+def _stats_of_models(block: np.ndarray, offset: int, payload: tuple[Any, list[Any]]) -> list[SuffStats]:
+    family, params_list = payload
+    return [family.chunk_stats(block, params) for params in params_list]
+
+
+def batch_em(
+    passes: DataPasses,
+    family: Any,
+    runs: list[EMRun],
+    *,
+    tol: float,
+    max_iter: int,
+    callback: Callable[[int, list[EMRun]], None] | None = None,
+    start_iter: int = 0,
+    log_every: int = 1,
+) -> list[EMRun]:
+    """Batch EM for several runs at once, sharing one data pass per iteration.
+
+    Each iteration computes, for every run still going, the statistics and
+    the log-likelihood under its current parameters in one pass, then does
+    the M-steps on the client. A run stops when its mean log-likelihood
+    changes by less than ``tol`` (scikit-learn's rule) or after ``max_iter``
+    iterations. ``callback(iteration, runs)`` is called after every M-step.
+    One INFO line per run is logged every ``log_every`` iterations and at
+    the end.
+    """
+    n = passes.data.n_samples
+    for iteration in range(start_iter + 1, max_iter + 1):
+        active = [run for run in runs if not run.converged]
+        if not active:
+            break
+        tic = time.perf_counter()
+        stats = passes.run(_stats_of_models, (family, [r.params for r in active]), add_elementwise)
+        changes = []
+        for run, s in zip(active, stats):
+            previous = run.lower_bound
+            run.params = family.m_step(s, run.params.means)
+            run.lower_bound = s.loglik / s.n
+            run.lower_bounds.append(run.lower_bound)
+            run.n_iter = iteration
+            run.converged = abs(run.lower_bound - previous) < tol
+            changes.append(run.lower_bound - previous)
+        seconds = time.perf_counter() - tic
+        for run, change in zip(active, changes):
+            if iteration % log_every and not run.converged and iteration < max_iter:
+                continue
+            logger.info(
+                "iteration %d%s: mean log-likelihood %.10g, change %.3g, %.2f s, %.3g rows/s",
+                iteration,
+                f" (run {runs.index(run)})" if len(runs) > 1 else "",
+                run.lower_bound,
+                change,
+                seconds,
+                n / seconds,
+            )
+        if callback is not None:
+            callback(iteration, runs)
+    return runs

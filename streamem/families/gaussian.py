@@ -1,0 +1,213 @@
+"""Gaussian components with full, tied, diagonal or spherical covariances.
+
+Numerics follow scikit-learn's ``GaussianMixture`` (same regularisation, same
+``10 * eps`` guard on component counts, same Cholesky parametrisation) so the
+two agree to rounding, with two changes for out-of-core data:
+
+* the second moments are accumulated *centred* at the component means used in
+  the E-step, so data far from the origin loses no precision;
+* the E-step subtracts one global shift from each chunk before the matrix
+  products, and evaluates all components of a full model with one product
+  ``X @ [U_1 | ... | U_K]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import linalg
+
+from streamem.stats import SuffStats
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_EPS10 = 10 * np.finfo(np.float64).eps
+_LOG_2PI = np.log(2 * np.pi)
+
+_ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have "
+    "ill-defined empirical covariance (for instance caused by singleton "
+    "or collapsed samples). Try to decrease the number of components, "
+    "increase reg_covar, or scale the input data."
+)
+
+
+@dataclass
+class GaussianParams:
+    """Parameters of a Gaussian mixture (scikit-learn's shapes)."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precisions_cholesky: np.ndarray
+
+
+@dataclass(frozen=True)
+class GaussianFamily:
+    """Gaussian components of one covariance type.
+
+    Parameters
+    ----------
+    covariance_type : {"full", "tied", "diag", "spherical"}
+    reg_covar : float
+        Added to the diagonal of every covariance.
+    """
+
+    covariance_type: str = "full"
+    reg_covar: float = 1e-6
+
+    # ----------------------------------------------------------------- E-step
+    def log_prob(self, X: np.ndarray, params: GaussianParams) -> np.ndarray:
+        """Weighted log joint ``log w_k + log N(x | k)``, shape (n, K)."""
+        shift = _shift(params)
+        xs = np.asarray(X, dtype=np.float64) - shift
+        means = params.means - shift
+        prec_chol = params.precisions_cholesky
+        n, d = xs.shape
+        K = means.shape[0]
+        ct = self.covariance_type
+        if ct == "full":
+            # One BLAS-3 product for all components: xs @ [U_1 | ... | U_K].
+            u_cat = prec_chol.transpose(1, 0, 2).reshape(d, K * d)
+            offsets = np.einsum("kd,kde->ke", means, prec_chol).reshape(K * d)
+            y = (xs @ u_cat - offsets).reshape(n, K, d)
+            sq = np.einsum("nkd,nkd->nk", y, y)
+            log_det = np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+        elif ct == "tied":
+            z = xs @ prec_chol
+            y = z[:, None, :] - (means @ prec_chol)[None, :, :]
+            sq = np.einsum("nkd,nkd->nk", y, y)
+            log_det = np.full(K, np.log(np.diag(prec_chol)).sum())
+        elif ct == "diag":
+            prec = prec_chol**2
+            sq = (xs**2) @ prec.T - 2.0 * xs @ (means * prec).T + (means**2 * prec).sum(axis=1)
+            log_det = np.log(prec_chol).sum(axis=1)
+        else:  # spherical
+            prec = prec_chol**2
+            sq = ((xs**2).sum(axis=1)[:, None] - 2.0 * xs @ means.T + (means**2).sum(axis=1)) * prec
+            log_det = d * np.log(prec_chol)
+        return -0.5 * (d * _LOG_2PI + sq) + log_det + np.log(params.weights)
+
+    def e_step(self, X: np.ndarray, params: GaussianParams) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row log-likelihood (n,) and responsibilities (n, K)."""
+        log_joint = self.log_prob(X, params)
+        top = log_joint.max(axis=1, keepdims=True)
+        top[~np.isfinite(top)] = 0.0
+        with np.errstate(divide="ignore"):
+            log_norm = np.log(np.exp(log_joint - top).sum(axis=1, keepdims=True)) + top
+        resp = np.exp(log_joint - log_norm)
+        return log_norm[:, 0], resp
+
+    def chunk_stats(self, X: np.ndarray, params: GaussianParams) -> SuffStats:
+        """E-step of one chunk: its statistics and its log-likelihood sum."""
+        loglik, resp = self.e_step(X, params)
+        return self.stats_from_resp(X, resp, params.means, loglik=float(loglik.sum()))
+
+    # ------------------------------------------------------------ statistics
+    def stats_from_resp(self, X: np.ndarray, resp: np.ndarray, center: np.ndarray, *, loglik: float = 0.0) -> SuffStats:
+        """Statistics of rows ``X`` with responsibilities ``resp``, centred at ``center`` (K, d)."""
+        shift = center.mean(axis=0)
+        xs = np.asarray(X, dtype=np.float64) - shift
+        c = center - shift
+        nk = resp.sum(axis=0)
+        s1 = resp.T @ xs - nk[:, None] * c
+        if self.covariance_type in ("full", "tied"):
+            K, d = c.shape
+            s2 = np.empty((K, d, d))
+            for k in range(K):
+                xk = xs - c[k]
+                s2[k] = (xk * resp[:, k : k + 1]).T @ xk
+            if self.covariance_type == "tied":
+                s2 = s2.sum(axis=0)
+        else:
+            # sum_i r_ik (x_i - c_k)^2, expanded around the shift.
+            s2 = resp.T @ (xs**2) - 2.0 * c * (resp.T @ xs) + nk[:, None] * c**2
+        return SuffStats({"n": np.float64(len(xs)), "loglik": np.float64(loglik), "nk": nk, "s1": s1, "s2": s2})
+
+    # ---------------------------------------------------------------- M-step
+    def m_step(self, stats: SuffStats, center: np.ndarray) -> GaussianParams:
+        """New parameters from summed statistics centred at ``center``."""
+        counts = stats["nk"]
+        nk = counts + _EPS10
+        s1 = stats["s1"]
+        delta = s1 / nk[:, None]
+        means = center + delta
+        # sum_i r_ik (x_i - mean_k)(...)^T from sums centred at center_k.
+        corr = 2.0 / nk - counts / nk**2
+        ct = self.covariance_type
+        d = means.shape[1]
+        if ct == "full":
+            scatter = stats["s2"] - corr[:, None, None] * np.einsum("ki,kj->kij", s1, s1)
+            cov = scatter / nk[:, None, None]
+            cov[:, np.arange(d), np.arange(d)] += self.reg_covar
+        elif ct == "tied":
+            scatter = stats["s2"] - np.einsum("k,ki,kj->ij", corr, s1, s1)
+            cov = scatter / nk.sum()
+            cov.flat[:: d + 1] += self.reg_covar
+        else:
+            var = (stats["s2"] - corr[:, None] * s1**2) / nk[:, None] + self.reg_covar
+            cov = var if ct == "diag" else var.mean(axis=1)
+        weights = nk / nk.sum()
+        return GaussianParams(weights, means, cov, self.precision_cholesky(cov))
+
+    def init_params(self, stats: SuffStats, center: np.ndarray, n_samples: int) -> GaussianParams:
+        """Initial parameters from initial responsibilities (scikit-learn's ``_initialize``).
+
+        Weights are ``nk / n_samples``, not renormalised, as scikit-learn does.
+        """
+        params = self.m_step(stats, center)
+        return replace(params, weights=(stats["nk"] + _EPS10) / n_samples)
+
+    # --------------------------------------------------------- parametrisation
+    def precision_cholesky(self, covariances: np.ndarray) -> np.ndarray:
+        """Cholesky factors of the precisions, from covariances."""
+        ct = self.covariance_type
+        if ct in ("full", "tied"):
+            covs = covariances if ct == "full" else covariances[None]
+            d = covs.shape[-1]
+            out = np.empty_like(covs)
+            for k, cov in enumerate(covs):
+                try:
+                    chol = linalg.cholesky(cov, lower=True)
+                except linalg.LinAlgError:
+                    raise ValueError(_ILL_DEFINED) from None
+                out[k] = linalg.solve_triangular(chol, np.eye(d), lower=True).T
+            return out if ct == "full" else out[0]
+        if np.any(np.less_equal(covariances, 0.0)):
+            raise ValueError(_ILL_DEFINED)
+        return 1.0 / np.sqrt(covariances)
+
+    def precision_cholesky_from_precisions(self, precisions: np.ndarray) -> np.ndarray:
+        ct = self.covariance_type
+        if ct == "full":
+            return np.array([linalg.cholesky(p, lower=True) for p in precisions])
+        if ct == "tied":
+            return linalg.cholesky(precisions, lower=True)
+        return np.sqrt(precisions)
+
+    def precisions(self, prec_chol: np.ndarray) -> np.ndarray:
+        ct = self.covariance_type
+        if ct == "full":
+            return np.einsum("kij,klj->kil", prec_chol, prec_chol)
+        if ct == "tied":
+            return prec_chol @ prec_chol.T
+        return prec_chol**2
+
+    def covariances_from_precision_cholesky(self, prec_chol: np.ndarray) -> np.ndarray:
+        ct = self.covariance_type
+        if ct == "full":
+            return np.array([np.linalg.inv(u @ u.T) for u in prec_chol])
+        if ct == "tied":
+            return np.linalg.inv(prec_chol @ prec_chol.T)
+        return 1.0 / prec_chol**2
+
+    def n_parameters(self, n_components: int, n_features: int) -> int:
+        """Number of free parameters (for BIC/AIC)."""
+        K, d = n_components, n_features
+        cov = {"full": K * d * (d + 1) / 2, "tied": d * (d + 1) / 2, "diag": K * d, "spherical": K}[self.covariance_type]
+        return int(cov + K * d + K - 1)
+
+
+def _shift(params: GaussianParams) -> np.ndarray:
+    """A point near the data, subtracted before products to avoid cancellation."""
+    return params.means.mean(axis=0)

@@ -1,0 +1,112 @@
+"""Initial parameters, computed out of core.
+
+The methods are scikit-learn's (``init_params``): initial responsibilities
+from k-means labels, k-means++ seeds, random rows, or random numbers, followed
+by one M-step. K-means runs on a uniform random sample of rows drawn from
+every chunk; when the data have no more rows than the sample size the sample
+is the whole data set, and the result is then scikit-learn's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamem.em import DataPasses
+from streamem.stats import SuffStats
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+#: Rows k-means sees at most.
+DEFAULT_SAMPLE_SIZE = 100_000
+
+
+def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.concatenate([a, b])
+
+
+def _add(a: SuffStats, b: SuffStats) -> SuffStats:
+    return a + b
+
+
+def _rows_at(block: np.ndarray, offset: int, index: np.ndarray | None) -> np.ndarray:
+    if index is None:
+        return np.asarray(block, dtype=np.float64)
+    lo, hi = np.searchsorted(index, [offset, offset + len(block)])
+    return np.asarray(block[index[lo:hi] - offset], dtype=np.float64)
+
+
+def draw_sample(passes: DataPasses, size: int, rng: np.random.RandomState) -> np.ndarray:
+    """A uniform random sample of ``size`` rows (all rows if there are fewer).
+
+    Every chunk is read, and its non-finite values are reported.
+    """
+    n = passes.data.n_samples
+    index = None if n <= size else np.sort(rng.choice(n, size, replace=False))
+    return passes.run(_rows_at, index, _concat, check_block=True)
+
+
+def _gather_rows(passes: DataPasses, index: np.ndarray) -> np.ndarray:
+    order = np.argsort(index)
+    rows = passes.run(_rows_at, index[order], _concat)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+def _hard_assign_stats(block: np.ndarray, offset: int, payload) -> SuffStats:
+    family, centers = payload
+    X = np.asarray(block, dtype=np.float64)
+    d2 = (X**2).sum(axis=1)[:, None] - 2.0 * X @ centers.T + (centers**2).sum(axis=1)
+    resp = np.zeros((len(X), len(centers)))
+    resp[np.arange(len(X)), d2.argmin(axis=1)] = 1.0
+    return family.stats_from_resp(X, resp, centers)
+
+
+def _random_resp_stats(block: np.ndarray, offset: int, payload) -> SuffStats:
+    family, key, center = payload
+    K = len(center)
+    # A counter-based generator positioned at this chunk's first row makes
+    # the numbers a function of the row, whatever the chunking.
+    start = offset * K
+    bitgen = np.random.Philox(key=key)
+    bitgen.advance(start // 4)  # Philox makes 4 64-bit words per counter step
+    gen = np.random.Generator(bitgen)
+    gen.random(start % 4)
+    resp = gen.random((len(block), K))
+    resp /= resp.sum(axis=1, keepdims=True)
+    return family.stats_from_resp(block, resp, center)
+
+
+def initial_params(
+    passes: DataPasses,
+    family,
+    n_components: int,
+    method: str,
+    rng: np.random.RandomState,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+):
+    """Initial parameters by ``method``, one of :data:`INIT_METHODS`."""
+    n = passes.data.n_samples
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        sample = draw_sample(passes, sample_size, rng)
+        centers = KMeans(n_clusters=n_components, n_init=1, random_state=rng).fit(sample).cluster_centers_
+        stats = passes.run(_hard_assign_stats, (family, centers), _add)
+        return family.init_params(stats, centers, n)
+    if method == "random":
+        key = rng.randint(np.iinfo(np.int64).max, dtype=np.int64)
+        sample = draw_sample(passes, min(sample_size, 1000), rng)
+        center = np.repeat(sample.mean(axis=0, keepdims=True), n_components, axis=0)
+        stats = passes.run(_random_resp_stats, (family, int(key), center), _add)
+        return family.init_params(stats, center, n)
+    if method == "k-means++":
+        from sklearn.cluster import kmeans_plusplus
+
+        sample = draw_sample(passes, sample_size, rng)
+        _, index = kmeans_plusplus(sample, n_components, random_state=rng)
+        points = sample[index]
+    else:  # random_from_data
+        points = _gather_rows(passes, rng.choice(n, size=n_components, replace=False))
+    # One row per component, centred at itself: counts 1, zero scatter.
+    stats = family.stats_from_resp(points, np.eye(n_components), points)
+    return family.init_params(stats, points, n)

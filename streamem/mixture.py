@@ -1,0 +1,395 @@
+"""``GaussianMixture``: scikit-learn's estimator, fitted out of core."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from numbers import Integral, Real
+from typing import Any, Iterator
+
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import _check_feature_names, check_is_fitted
+
+from streamem.cluster import resolve_scheduler
+from streamem.data import InputData, check_n_samples, load_data
+from streamem.em import DataPasses, EMRun, batch_em
+from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
+from streamem.init import DEFAULT_SAMPLE_SIZE, INIT_METHODS, initial_params
+from streamem.stats import SuffStats
+
+logger = logging.getLogger("streamem")
+
+
+class GaussianMixture(DensityMixin, BaseEstimator):
+    """Gaussian mixture fitted by batch EM over the chunks of (possibly huge) data.
+
+    Same parameters, defaults and learned attributes as
+    :class:`sklearn.mixture.GaussianMixture`; the data may be a numpy array,
+    a dask array, a ``zarr.Array``, a path to a Zarr store, or an xarray
+    object. Each EM iteration is one pass over the chunks: every chunk's
+    E-step yields additive statistics and its log-likelihood, a fixed-order
+    tree sums them, and the M-step runs on the client.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        Number of mixture components.
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+    tol : float, default=1e-3
+        Stop when the mean log-likelihood per sample changes by less.
+    reg_covar : float, default=1e-6
+        Added to the diagonal of covariances.
+    max_iter : int, default=100
+    n_init : int, default=1
+        Number of initialisations; the best is kept. All runs share the
+        data passes.
+    init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default="kmeans"
+        K-means and k-means++ run on a uniform random sample of at most
+        ``init_sample_size`` rows drawn from every chunk.
+    weights_init, means_init, precisions_init : array-like, optional
+        User-given initial parameters (scikit-learn's shapes).
+    random_state : int, RandomState instance or None
+    warm_start : bool, default=False
+        Start from the previous fit's parameters.
+    verbose : int, default=0
+        Log one line per ``verbose_interval`` iterations at INFO level.
+    verbose_interval : int, default=10
+    client : distributed.Client, optional
+        Run on this client; by default the active client, else local threads.
+    init_sample_size : int, default=100000
+        Rows k-means sees at most.
+
+    Attributes
+    ----------
+    weights_, means_, covariances_, precisions_, precisions_cholesky_ : ndarray
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood per sample at the E-step of the last iteration
+        of the best run.
+    lower_bounds_ : list of float
+        The same after every iteration of the best run.
+    n_features_in_ : int
+    feature_names_in_ : ndarray
+        Only when fitted on a pandas DataFrame with string column names.
+    feature_coord_ : ndarray or None
+        The feature coordinate of an xarray input, when it had one.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        client: Any = None,
+        init_sample_size: int = DEFAULT_SAMPLE_SIZE,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.client = client
+        self.init_sample_size = init_sample_size
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: Any, y: Any = None, *, variable: str | None = None, sample_dim: str | None = None) -> "GaussianMixture":
+        """Fit the mixture by batch EM.
+
+        Parameters
+        ----------
+        X : array-like, dask array, zarr.Array, path or xarray object
+            Data of shape (n_samples, n_features); see :func:`streamem.data.load_data`.
+        y : ignored
+        variable : str, optional
+            The variable of a Zarr group or xarray Dataset holding the data.
+        sample_dim : str, optional
+            The sample dimension of an xarray input (default: the first).
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        data = self._load(X, variable, sample_dim, reset=True)
+        check_n_samples(data, self.n_components)
+        self._check_initial_parameters(data.n_features)
+        family = self._family()
+        passes = DataPasses(data, resolve_scheduler(self.client))
+
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if do_init:
+            rng = check_random_state(self.random_state)
+            runs = [EMRun(self._initial_params(passes, family, rng)) for _ in range(self.n_init)]
+        else:
+            runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
+
+        with self._logging():
+            batch_em(passes, family, runs, tol=self.tol, max_iter=self.max_iter, log_every=self.verbose_interval)
+
+        # scikit-learn keeps the first run with the highest final lower bound.
+        best = max(range(len(runs)), key=lambda i: (runs[i].lower_bound, -i))
+        run = runs[best]
+        if not run.converged and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init parameters, "
+                "or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+            )
+        self._set_params(family, run.params)
+        self.converged_ = bool(run.converged)
+        self.n_iter_ = int(run.n_iter)
+        self.lower_bound_ = float(run.lower_bound)
+        self.lower_bounds_ = list(run.lower_bounds)
+        self.n_data_passes_ = passes.n_passes
+        return self
+
+    def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
+        """Fit, then return the most likely component of every row."""
+        return self.fit(X, **kwargs).predict(X, **kwargs)
+
+    # -------------------------------------------------------------- predict
+    def predict(self, X: Any, **kwargs: Any) -> Any:
+        """Most likely component of every row (lazy for dask/zarr/xarray input)."""
+        data = self._load_fitted(X, **kwargs)
+        out = data.array.map_blocks(_block_labels, self._family(), self._params(), dtype=np.int64, drop_axis=1)
+        return data.wrap_rows(out)
+
+    def predict_proba(self, X: Any, **kwargs: Any) -> Any:
+        """Posterior probability of each component for every row, shape (n_samples, n_components)."""
+        data = self._load_fitted(X, **kwargs)
+        out = data.array.map_blocks(
+            _block_proba,
+            self._family(),
+            self._params(),
+            dtype=np.float64,
+            chunks=(data.array.chunks[0], (self.n_components,)),
+        )
+        return data.wrap_rows(out, "component")
+
+    def score_samples(self, X: Any, **kwargs: Any) -> Any:
+        """Log-likelihood of every row under the model."""
+        data = self._load_fitted(X, **kwargs)
+        out = data.array.map_blocks(_block_loglik, self._family(), self._params(), dtype=np.float64, drop_axis=1)
+        return data.wrap_rows(out)
+
+    def score(self, X: Any, y: Any = None, **kwargs: Any) -> float:
+        """Mean log-likelihood per row (one data pass)."""
+        data = self._load_fitted(X, **kwargs)
+        return self._total_loglik(data) / data.n_samples
+
+    def bic(self, X: Any, **kwargs: Any) -> float:
+        """Bayesian information criterion on ``X`` (lower is better)."""
+        data = self._load_fitted(X, **kwargs)
+        n_params = self._family().n_parameters(self.n_components, self.n_features_in_)
+        return -2.0 * self._total_loglik(data) + n_params * np.log(data.n_samples)
+
+    def aic(self, X: Any, **kwargs: Any) -> float:
+        """Akaike information criterion on ``X`` (lower is better)."""
+        data = self._load_fitted(X, **kwargs)
+        n_params = self._family().n_parameters(self.n_components, self.n_features_in_)
+        return -2.0 * self._total_loglik(data) + 2.0 * n_params
+
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n_samples`` rows from the fitted model (scikit-learn's algorithm).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,)
+            The component of every row.
+        """
+        check_is_fitted(self)
+        if not isinstance(n_samples, Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        ct = self.covariance_type
+        if ct == "full":
+            draws = [rng.multivariate_normal(m, c, int(n)) for m, c, n in zip(self.means_, self.covariances_, counts)]
+        elif ct == "tied":
+            draws = [rng.multivariate_normal(m, self.covariances_, int(n)) for m, n in zip(self.means_, counts)]
+        else:
+            draws = [
+                m + rng.standard_normal(size=(n, self.n_features_in_)) * np.sqrt(c)
+                for m, c, n in zip(self.means_, self.covariances_, counts)
+            ]
+        y = np.concatenate([np.full(n, k, dtype=int) for k, n in enumerate(counts)])
+        return np.vstack(draws), y
+
+    # -------------------------------------------------------------- helpers
+    def _family(self) -> GaussianFamily:
+        return GaussianFamily(self.covariance_type, float(self.reg_covar))
+
+    def _params(self) -> GaussianParams:
+        return GaussianParams(self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
+
+    def _set_params(self, family: GaussianFamily, params: GaussianParams) -> None:
+        self.weights_ = params.weights
+        self.means_ = params.means
+        self.covariances_ = params.covariances
+        self.precisions_cholesky_ = params.precisions_cholesky
+        self.precisions_ = family.precisions(params.precisions_cholesky)
+
+    def _load(self, X: Any, variable: str | None, sample_dim: str | None, *, reset: bool) -> InputData:
+        data = load_data(X, variable=variable, sample_dim=sample_dim)
+        if data.kind == "numpy":
+            _check_feature_names(self, X, reset=reset)
+        if reset:
+            self.n_features_in_ = data.n_features
+            self.feature_coord_ = data.feature_coord
+            self.fit_source_ = data.source
+        elif data.n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {data.n_features} features, but {type(self).__name__} "
+                f"is expecting {self.n_features_in_} features as input"
+            )
+        return data
+
+    def _load_fitted(self, X: Any, variable: str | None = None, sample_dim: str | None = None) -> InputData:
+        check_is_fitted(self)
+        return self._load(X, variable, sample_dim, reset=False)
+
+    def _total_loglik(self, data: InputData) -> float:
+        passes = DataPasses(data, "threads" if data.kind == "numpy" else resolve_scheduler(self.client))
+        return float(passes.run(_block_loglik_sum, (self._family(), self._params()), _add_floats))
+
+    def _initial_params(self, passes: DataPasses, family: GaussianFamily, rng: np.random.RandomState) -> GaussianParams:
+        user = (self.weights_init, self.means_init, self.precisions_init)
+        if all(v is not None for v in user):
+            prec_chol = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, dtype=np.float64))
+            covariances = family.covariances_from_precision_cholesky(prec_chol)
+            return GaussianParams(np.asarray(self.weights_init, float), np.asarray(self.means_init, float), covariances, prec_chol)
+        params = initial_params(passes, family, self.n_components, self.init_params, rng, self.init_sample_size)
+        if self.weights_init is not None:
+            params.weights = np.asarray(self.weights_init, dtype=np.float64)
+        if self.means_init is not None:
+            params.means = np.asarray(self.means_init, dtype=np.float64)
+        if self.precisions_init is not None:
+            params.precisions_cholesky = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, float))
+        return params
+
+    @contextmanager
+    def _logging(self) -> Iterator[None]:
+        if not self.verbose or logger.handlers:
+            yield
+            return
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("streamem: %(message)s"))
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    # ----------------------------------------------------------- validation
+    def _check_parameters(self) -> None:
+        _check_int("n_components", self.n_components, 1)
+        _check_int("n_init", self.n_init, 1)
+        _check_int("max_iter", self.max_iter, 0)
+        _check_int("verbose_interval", self.verbose_interval, 1)
+        _check_int("init_sample_size", self.init_sample_size, 1)
+        _check_real("tol", self.tol, 0.0)
+        _check_real("reg_covar", self.reg_covar, 0.0)
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
+        if self.init_params not in INIT_METHODS:
+            raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
+
+    def _check_initial_parameters(self, n_features: int) -> None:
+        K, d = self.n_components, n_features
+        if self.weights_init is not None:
+            w = _as_shape("weights_init", self.weights_init, (K,))
+            if np.any(w < 0) or np.any(w > 1):
+                raise ValueError(f"weights_init must lie in [0, 1], got min {w.min()}, max {w.max()}")
+            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-8):
+                raise ValueError(f"weights_init must sum to 1, got {w.sum():.10g}")
+        if self.means_init is not None:
+            _as_shape("means_init", self.means_init, (K, d))
+        if self.precisions_init is not None:
+            ct = self.covariance_type
+            shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
+            p = _as_shape("precisions_init", self.precisions_init, shape)
+            if ct in ("full", "tied"):
+                for m in p.reshape(-1, d, d):
+                    if not np.allclose(m, m.T) or np.any(np.linalg.eigvalsh(m) <= 0.0):
+                        raise ValueError(f"precisions_init must be symmetric positive-definite for covariance_type={ct!r}")
+            elif np.any(p <= 0):
+                raise ValueError(f"precisions_init must be positive for covariance_type={ct!r}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value >= low:
+        raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+
+
+def _as_shape(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+# Per-chunk functions for predictions: module level so that workers can unpickle them.
+def _checked(block: np.ndarray) -> np.ndarray:
+    X = np.asarray(block, dtype=np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError(f"X contains {int((~np.isfinite(X)).sum())} non-finite values (NaN or inf)")
+    return X
+
+
+def _block_proba(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
+    return family.e_step(_checked(block), params)[1]
+
+
+def _block_labels(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
+    return family.log_prob(_checked(block), params).argmax(axis=1)
+
+
+def _block_loglik(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
+    return family.e_step(_checked(block), params)[0]
+
+
+def _block_loglik_sum(block: np.ndarray, offset: int, payload: tuple[GaussianFamily, GaussianParams]) -> float:
+    family, params = payload
+    return float(family.e_step(np.asarray(block, dtype=np.float64), params)[0].sum())
+
+
+def _add_floats(a: float, b: float) -> float:
+    return a + b

@@ -1,0 +1,60 @@
+"""Additive sufficient statistics.
+
+Every model's E-step over a block of rows produces a :class:`SuffStats`; the
+statistics of a union of blocks are the sum of the blocks' statistics. Batch
+EM sums them over all chunks, stepwise EM takes weighted averages, and
+map-reduce jobs write them to disk and add them later: all with ``+`` and
+``scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclass
+class SuffStats:
+    """Named float64 arrays that add element-wise.
+
+    Besides the model's own statistics, every instance carries ``n`` (rows
+    seen) and ``loglik`` (sum of per-row log-likelihoods under the parameters
+    of the E-step), so one data pass gives both the M-step input and the EM
+    lower bound.
+    """
+
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def zeros_like(cls, other: "SuffStats") -> "SuffStats":
+        return cls({k: np.zeros_like(v) for k, v in other.arrays.items()})
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __add__(self, other: "SuffStats") -> "SuffStats":
+        if self.arrays.keys() != other.arrays.keys():
+            raise ValueError(f"cannot add statistics with fields {sorted(self.arrays)} and {sorted(other.arrays)}")
+        return SuffStats({k: v + other.arrays[k] for k, v in self.arrays.items()})
+
+    def scale(self, factor: float) -> "SuffStats":
+        return SuffStats({k: v * factor for k, v in self.arrays.items()})
+
+    @property
+    def n(self) -> float:
+        return float(self.arrays["n"])
+
+    @property
+    def loglik(self) -> float:
+        return float(self.arrays["loglik"])
+
+
+def sum_in_order(parts: Iterable[SuffStats]) -> SuffStats:
+    """Sum statistics left to right (the order fixes the rounding)."""
+    parts = iter(parts)
+    total = next(parts)
+    for part in parts:
+        total = total + part
+    return total
