@@ -220,19 +220,19 @@ def _check_shape_dtype(shape: tuple[int, ...], dtype: Any) -> None:
     if len(shape) == 1:
         raise ValueError(
             f"X must be 2-D (n_samples, n_features), got a 1-D array of shape {tuple(shape)}; "
-            "reshape a single feature with X.reshape(-1, 1)"
+            "Reshape your data with X.reshape(-1, 1) if it holds a single feature"
         )
     if len(shape) != 2:
         raise ValueError(f"X must be 2-D (n_samples, n_features), got {len(shape)}-D shape {tuple(shape)}")
     dtype = np.dtype(dtype)
     if dtype.kind == "c":
-        raise TypeError(f"X has complex dtype {dtype}; allowed: real numbers (bool, int, uint, float)")
+        raise ValueError(f"Complex data not supported: X has dtype {dtype}; allowed: real numbers (bool, int, uint, float)")
     if dtype.kind not in "biuf":
         raise TypeError(f"X has non-numeric dtype {dtype}; allowed: real numbers (bool, int, uint, float)")
     if shape[0] == 0:
         raise ValueError(f"X has 0 rows (shape {tuple(shape)}); at least one sample is required")
     if shape[1] == 0:
-        raise ValueError(f"X has 0 features (shape {tuple(shape)}); at least one feature is required")
+        raise ValueError(f"X has 0 feature(s) (shape={tuple(shape)}) while a minimum of 1 is required.")
 
 
 def _row_chunked(arr: da.Array, chunk_rows: int | None) -> da.Array:

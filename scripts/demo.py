@@ -1,0 +1,62 @@
+"""`make demo`: generate a mixture data set as a Zarr store, fit it out of core, report.
+
+Usage: python scripts/demo.py [--n-samples N] [--path data/demo.zarr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+from distributed import Client
+
+import streamem
+from streamem.cluster import local_cluster
+from streamem.generate import generate
+from streamem.monitor import PeakMemory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-samples", type=int, default=8_388_608, help="rows (16 float64 features: 8,388,608 rows = 1 GiB)")
+    parser.add_argument("--n-features", type=int, default=16)
+    parser.add_argument("--n-components", type=int, default=8)
+    parser.add_argument("--path", default="data/demo.zarr")
+    parser.add_argument("--max-iter", type=int, default=100)
+    args = parser.parse_args()
+
+    nbytes = args.n_samples * args.n_features * 8
+    existing = streamem.load_data(args.path).array.shape if os.path.exists(args.path) else None
+    if existing != (args.n_samples, args.n_features):
+        print(f"generating {args.n_samples:,} x {args.n_features} float64 ({nbytes / 2**30:.2f} GiB) -> {args.path}")
+        tic = time.perf_counter()
+        generate(args.path, args.n_samples, args.n_features, args.n_components, seed=0, overwrite=True)
+        print(f"  written in {time.perf_counter() - tic:.1f} s")
+    else:
+        print(f"using existing {args.path} ({nbytes / 2**30:.2f} GiB)")
+
+    with local_cluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as client:
+        print(f"LocalCluster: 2 workers on 127.0.0.1, dashboard {client.dashboard_link}")
+        gm = streamem.GaussianMixture(n_components=args.n_components, covariance_type="full", max_iter=args.max_iter, random_state=0, verbose=1)
+        with PeakMemory() as mem, warnings.catch_warnings():
+            warnings.simplefilter("default")
+            tic = time.perf_counter()
+            gm.fit(args.path)
+            wall = time.perf_counter() - tic
+
+    np.set_printoptions(precision=3, suppress=True, linewidth=120)
+    print(f"\nconverged: {gm.converged_} after {gm.n_iter_} iterations ({gm.n_data_passes_} data passes)")
+    print(f"final mean log-likelihood per sample: {gm.lower_bound_:.6f}")
+    print("weights:", gm.weights_)
+    print("means (first 4 features):")
+    print(gm.means_[:, :4])
+    print(f"wall time: {wall:.1f} s ({wall / max(gm.n_iter_, 1):.2f} s per iteration)")
+    print(f"peak memory, client + 2 workers: {mem.peak / 2**20:,.0f} MiB for {nbytes / 2**20:,.0f} MiB of data "
+          f"({mem.peak / nbytes:.0%} of the data size)")
+
+
+if __name__ == "__main__":
+    main()
