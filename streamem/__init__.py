@@ -3,9 +3,10 @@
 import logging
 
 from streamem.data import load_data
+from streamem.io import load_model as load
 from streamem.mixture import GaussianMixture
 
 __version__ = "0.1.0"
-__all__ = ["GaussianMixture", "load_data", "__version__"]
+__all__ = ["GaussianMixture", "load", "load_data", "__version__"]
 
 logging.getLogger("streamem").addHandler(logging.NullHandler())

@@ -12,10 +12,10 @@ import zarr
 
 
 def mixture_parameters(n_components: int, n_features: int, seed: int) -> dict[str, np.ndarray]:
-    """Well-separated random mixture parameters (weights, means, covariances)."""
+    """Random mixture parameters (weights, means, covariances); components overlap a little."""
     rng = np.random.default_rng([seed, 0])
     weights = rng.dirichlet(np.full(n_components, 5.0))
-    means = rng.uniform(-10.0, 10.0, size=(n_components, n_features))
+    means = rng.uniform(-2.5, 2.5, size=(n_components, n_features))
     a = rng.normal(size=(n_components, n_features, n_features)) / np.sqrt(n_features)
     covariances = a @ a.transpose(0, 2, 1) + 0.5 * np.eye(n_features)
     return {"weights": weights, "means": means, "covariances": covariances}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from numbers import Integral, Real
@@ -79,6 +80,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Only when fitted on a pandas DataFrame with string column names.
     feature_coord_ : ndarray or None
         The feature coordinate of an xarray input, when it had one.
+    fit_data_ : dict
+        Provenance of the training data: source, shape, row chunks, dtype.
+    n_data_passes_ : int
+        Passes over the data the last fit made (initialisation included).
     """
 
     def __init__(
@@ -243,6 +248,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         y = np.concatenate([np.full(n, k, dtype=int) for k, n in enumerate(counts)])
         return np.vstack(draws), y
 
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save the fitted model as an xarray Dataset in a Zarr store.
+
+        The store is written under a temporary name and renamed into place.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        overwrite : bool, default=False
+            Replace an existing store; otherwise an existing path is an error.
+        """
+        from streamem.io import save_model
+
+        save_model(self, path, overwrite=overwrite)
+
     # -------------------------------------------------------------- helpers
     def _family(self) -> GaussianFamily:
         return GaussianFamily(self.covariance_type, float(self.reg_covar))
@@ -264,7 +284,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if reset:
             self.n_features_in_ = data.n_features
             self.feature_coord_ = data.feature_coord
-            self.fit_source_ = data.source
+            self.fit_data_ = {
+                "source": data.source,
+                "shape": list(data.array.shape),
+                "row_chunks": [int(c) for c in data.array.chunks[0]],
+                "dtype": str(data.array.dtype),
+            }
         elif data.n_features != self.n_features_in_:
             raise ValueError(
                 f"X has {data.n_features} features, but {type(self).__name__} "
@@ -297,18 +322,23 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     @contextmanager
     def _logging(self) -> Iterator[None]:
-        if not self.verbose or logger.handlers:
+        """With ``verbose``, show the driver's INFO lines (on stderr unless logging is configured)."""
+        if not self.verbose:
             yield
             return
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("streamem: %(message)s"))
-        logger.addHandler(handler)
+        configured = [h for h in logger.handlers if not isinstance(h, logging.NullHandler)] or logging.getLogger().handlers
+        handler = None
+        if not configured:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("streamem: %(message)s"))
+            logger.addHandler(handler)
         level = logger.level
         logger.setLevel(logging.INFO)
         try:
             yield
         finally:
-            logger.removeHandler(handler)
+            if handler is not None:
+                logger.removeHandler(handler)
             logger.setLevel(level)
 
     # ----------------------------------------------------------- validation
