@@ -82,9 +82,10 @@ class DataPasses:
         Passed to ``dask.compute``.
     """
 
-    def __init__(self, data: InputData, scheduler: Any):
+    def __init__(self, data: InputData, scheduler: Any, *, progress: bool = False):
         self.data = data
         self.scheduler = scheduler
+        self.progress = progress
         self.offsets = data.row_offsets()
         self.blocks = list(data.array.to_delayed().ravel())
         self.n_passes = 0
@@ -101,7 +102,7 @@ class DataPasses:
         ``check_block`` or when ``fn``'s result is not finite.
         """
         payload = dask.delayed(payload, pure=True)
-        level = [
+        level = chunk_tasks = [
             dask.delayed(_run_block, pure=True)(fn, block, payload, int(off), check_block)
             for block, off in zip(self.blocks, self.offsets)
         ]
@@ -110,7 +111,7 @@ class DataPasses:
                 dask.delayed(_combine, pure=True)(combine, *level[i : i + TREE_FAN_IN])
                 for i in range(0, len(level), TREE_FAN_IN)
             ]
-        (result,) = dask.compute(level[0], scheduler=self.scheduler)
+        result = self._compute(level[0], chunk_tasks)
         self.n_passes += 1
         if result.n_bad:
             lo, hi = result.bad_rows
@@ -121,7 +122,36 @@ class DataPasses:
         return result.value
 
 
-@dataclass
+    def _compute(self, root: Any, chunk_tasks: list[Any]) -> BlockResult:
+        """One ``compute`` of ``root``; with ``progress``, a bar over the chunk tasks."""
+        if not self.progress:
+            return dask.compute(root, scheduler=self.scheduler, optimize_graph=False)[0]
+        from tqdm import tqdm
+
+        with tqdm(total=len(chunk_tasks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
+            if hasattr(self.scheduler, "compute") and hasattr(self.scheduler, "gather"):
+                from distributed import as_completed
+
+                # Chunk results are small statistics: returning them as well
+                # lets us count finished chunks as they arrive.
+                futures = self.scheduler.compute([root, *chunk_tasks], optimize_graph=False)
+                for _ in as_completed(futures[1:]):
+                    bar.update(1)
+                return futures[0].result()
+            from dask.callbacks import Callback
+
+            names = {task.key for task in chunk_tasks}
+
+            class _Tick(Callback):
+                def _posttask(self, key, result, dsk, state, id):
+                    if key in names:
+                        bar.update(1)
+
+            with _Tick():
+                return dask.compute(root, scheduler=self.scheduler, optimize_graph=False)[0]
+
+
+@dataclass(eq=False)
 class EMRun:
     """The state of one EM run (one initialisation)."""
 

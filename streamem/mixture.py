@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
+from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint, save_checkpoint
 from streamem.cluster import resolve_scheduler
 from streamem.data import InputData, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
@@ -24,6 +25,7 @@ from streamem.init import DEFAULT_SAMPLE_SIZE, INIT_METHODS, initial_params
 from streamem.stats import SuffStats
 
 logger = logging.getLogger("streamem")
+_PARAM_NAMES = ("weights", "means", "covariances", "precisions_cholesky")
 
 
 class GaussianMixture(DensityMixin, BaseEstimator):
@@ -124,7 +126,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.init_sample_size = init_sample_size
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Any = None, *, variable: str | None = None, sample_dim: str | None = None) -> "GaussianMixture":
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        variable: str | None = None,
+        sample_dim: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = False,
+    ) -> "GaussianMixture":
         """Fit the mixture by batch EM.
 
         Parameters
@@ -136,6 +148,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             The variable of a Zarr group or xarray Dataset holding the data.
         sample_dim : str, optional
             The sample dimension of an xarray input (default: the first).
+        checkpoint : str or os.PathLike, optional
+            A directory where the state of the fit is saved after every
+            M-step (see :mod:`streamem.checkpoint`).
+        resume : bool, default=False
+            Continue from ``checkpoint`` if it holds a state; a state made for
+            other data or other settings is refused with a ValueError.
+        progress : bool, default=False
+            Show a progress bar over the chunks of every pass.
 
         Returns
         -------
@@ -146,17 +166,35 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         check_n_samples(data, self.n_components)
         self._check_initial_parameters(data.n_features)
         family = self._family()
-        passes = DataPasses(data, resolve_scheduler(self.client))
+        passes = DataPasses(data, resolve_scheduler(self.client), progress=progress)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs checkpoint= naming the checkpoint directory")
+        settings, fingerprint = fit_settings(self), data_fingerprint(data)
 
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        if do_init:
+        start_iter = 0
+        if resume and checkpoint_exists(checkpoint):
+            saved, start_iter = load_checkpoint(checkpoint, settings, fingerprint)
+            runs = [EMRun(GaussianParams(*(a[v] for v in _PARAM_NAMES)), lb, lbs, n_iter, conv) for a, lb, lbs, n_iter, conv in saved]
+        elif self.warm_start and hasattr(self, "converged_"):
+            runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
+        else:
             rng = check_random_state(self.random_state)
             runs = [EMRun(self._initial_params(passes, family, rng)) for _ in range(self.n_init)]
-        else:
-            runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
+
+        def save_state(iteration: int, runs: list[EMRun]) -> None:
+            save_checkpoint(checkpoint, runs, iteration, self.covariance_type, settings, fingerprint)
 
         with self._logging():
-            batch_em(passes, family, runs, tol=self.tol, max_iter=self.max_iter, log_every=self.verbose_interval)
+            batch_em(
+                passes,
+                family,
+                runs,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                start_iter=start_iter,
+                callback=save_state if checkpoint is not None else None,
+                log_every=self.verbose_interval,
+            )
 
         # scikit-learn keeps the first run with the highest final lower bound.
         best = max(range(len(runs)), key=lambda i: (runs[i].lower_bound, -i))

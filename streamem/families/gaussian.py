@@ -32,7 +32,7 @@ _ILL_DEFINED = (
 )
 
 
-@dataclass
+@dataclass(eq=False)
 class GaussianParams:
     """Parameters of a Gaussian mixture (scikit-learn's shapes)."""
 

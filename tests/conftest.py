@@ -1,0 +1,69 @@
+"""Shared fixtures: the test data (fixed seed), Zarr stores on disk, a LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import IRREGULAR_CHUNKS, ZARR_CHUNK_ROWS, make_data, make_inits  # noqa: E402
+
+
+def write_zarr(path, X: np.ndarray, chunks, zarr_format: int = 3) -> str:
+    """Write ``X`` as a Zarr array at ``path`` (a real store on disk)."""
+    path = os.fspath(path)
+    arr = zarr.open_array(path, mode="w", shape=X.shape, chunks=chunks, dtype=X.dtype, zarr_format=zarr_format)
+    arr[...] = X
+    return path
+
+
+@pytest.fixture(scope="session")
+def X() -> np.ndarray:
+    """4,500 rows, 3 features, 3 components; read-only so no test changes it."""
+    data = make_data()
+    data.flags.writeable = False
+    return data
+
+
+@pytest.fixture(scope="session")
+def zarr_path(tmp_path_factory, X) -> str:
+    """A Zarr v3 array on disk in 700-row chunks: 7 chunks, the last one 300 rows."""
+    path = tmp_path_factory.mktemp("stores") / "data.zarr"
+    return write_zarr(path, np.array(X), (ZARR_CHUNK_ROWS, X.shape[1]))
+
+
+@pytest.fixture
+def X_irregular(X) -> da.Array:
+    """The same data as a dask array with explicitly irregular row chunks."""
+    return da.from_array(np.array(X), chunks=(IRREGULAR_CHUNKS, (X.shape[1],)))
+
+
+@pytest.fixture(params=["full", "tied", "diag", "spherical"])
+def covariance_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def inits(covariance_type) -> dict:
+    return make_inits(covariance_type)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-process LocalCluster on loopback, started once per module that uses it."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+    ) as lc:
+        yield lc
