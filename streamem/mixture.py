@@ -286,6 +286,26 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         y = np.concatenate([np.full(n, k, dtype=int) for k, n in enumerate(counts)])
         return np.vstack(draws), y
 
+    def permute_components(self, order: Any) -> "GaussianMixture":
+        """Relabel components so that new component ``k`` is old component ``order[k]``.
+
+        Returns
+        -------
+        self
+        """
+        check_is_fitted(self)
+        order = np.asarray(order)
+        if sorted(order.tolist()) != list(range(self.n_components)):
+            raise ValueError(f"order must be a permutation of range({self.n_components}), got {order.tolist()}")
+        per_component = self.covariance_type != "tied"
+        self.weights_ = self.weights_[order]
+        self.means_ = self.means_[order]
+        if per_component:
+            self.covariances_ = self.covariances_[order]
+            self.precisions_cholesky_ = self.precisions_cholesky_[order]
+            self.precisions_ = self.precisions_[order]
+        return self
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Save the fitted model as an xarray Dataset in a Zarr store.
 

@@ -1,0 +1,432 @@
+"""The ``streamem`` command line: fit, predict, score, info, generate, plot, accumulate, reduce.
+
+Exit status: 0 on success, 2 on bad input or usage (one line on stderr),
+1 on anything unexpected (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+logger = logging.getLogger("streamem")
+
+
+class UsageError(Exception):
+    """Bad input or usage: reported in one line, exit status 2."""
+
+
+# ------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Option:
+    """One ``fit`` setting: a command-line flag and a YAML key of the same name."""
+
+    name: str
+    type: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    estimator: bool = True  # passed to GaussianMixture(...)
+
+
+FIT_OPTIONS = (
+    Option("n_components", int, "number of mixture components (default 1)"),
+    Option("covariance_type", str, "covariance type (default full)", ("full", "tied", "diag", "spherical")),
+    Option("tol", float, "stop when the mean log-likelihood changes by less (default 1e-3)"),
+    Option("reg_covar", float, "added to covariance diagonals (default 1e-6)"),
+    Option("max_iter", int, "maximum EM iterations (default 100)"),
+    Option("n_init", int, "number of initialisations, the best is kept (default 1)"),
+    Option("init_params", str, "initialisation (default kmeans)", ("kmeans", "k-means++", "random", "random_from_data")),
+    Option("weights_init", str, ".npy file of initial weights (K,)"),
+    Option("means_init", str, ".npy file of initial means (K, d)"),
+    Option("precisions_init", str, ".npy file of initial precisions"),
+    Option("random_state", int, "seed (default: none)"),
+    Option("verbose_interval", int, "log every this many iterations (default 1 on the command line)"),
+    Option("init_sample_size", int, "rows k-means sees at most (default 100000)"),
+    Option("variable", str, "variable of a Zarr group / xarray Dataset holding the data", estimator=False),
+    Option("sample_dim", str, "sample dimension of an xarray store (default: the first)", estimator=False),
+    Option("checkpoint", str, "checkpoint directory, written after every M-step", estimator=False),
+    Option("resume", bool, "continue from --checkpoint if it holds a state", estimator=False),
+    Option("init_from", str, "start from this saved model; keep its component labels", estimator=False),
+    Option("overwrite", bool, "replace an existing --out", estimator=False),
+)
+CLUSTER_OPTIONS = (
+    Option("workers", int, "LocalCluster workers (default 2)", estimator=False),
+    Option("threads_per_worker", int, "threads per LocalCluster worker (default 1)", estimator=False),
+    Option("memory_limit", str, "memory limit per LocalCluster worker, e.g. 4GiB (default auto)", estimator=False),
+    Option("scheduler", str, "address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786", estimator=False),
+    Option("scheduler_timeout", float, "seconds to wait for --scheduler (default 10)", estimator=False),
+)
+#: YAML keys allowed besides the options: a dask-jobqueue cluster section.
+EXTRA_KEYS = {"cluster": dict}
+_NPY_OPTIONS = ("weights_init", "means_init", "precisions_init")
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read a YAML run configuration; unknown keys and wrong types are errors naming the key."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config: {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config: {path!r} must hold a mapping of settings, got {type(config).__name__}")
+    known = {o.name: o for o in FIT_OPTIONS + CLUSTER_OPTIONS}
+    for key, value in config.items():
+        if key in EXTRA_KEYS:
+            if not isinstance(value, EXTRA_KEYS[key]):
+                raise UsageError(f"--config: key {key!r} must be a mapping, got {value!r}")
+            continue
+        if key not in known:
+            raise UsageError(f"--config: unknown key {key!r} in {path!r}; allowed: {sorted(known) + sorted(EXTRA_KEYS)}")
+        option = known[key]
+        ok = isinstance(value, option.type) and not (option.type is not bool and isinstance(value, bool))
+        if option.type is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise UsageError(f"--config: key {key!r} must be of type {option.type.__name__}, got {value!r}")
+        if option.choices and value not in option.choices:
+            raise UsageError(f"--config: key {key!r} must be one of {list(option.choices)}, got {value!r}")
+    return config
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for o in options:
+        flag = "--" + o.name.replace("_", "-")
+        if o.type is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=o.help)
+        else:
+            parser.add_argument(flag, type=o.type, choices=o.choices, default=None, help=o.help, metavar=None if o.choices else o.name.upper())
+
+
+def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """YAML settings overridden by the flags that were given."""
+    settings = load_config(args.config) if getattr(args, "config", None) else {}
+    for o in FIT_OPTIONS + CLUSTER_OPTIONS:
+        value = getattr(args, o.name, None)
+        if value is not None:
+            settings[o.name] = value
+    return settings
+
+
+# ------------------------------------------------------------------- cluster
+@contextlib.contextmanager
+def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
+    """A client for the run: ``--scheduler``, a jobqueue ``cluster:`` section, or a LocalCluster."""
+    from distributed import Client
+
+    address = settings.get("scheduler")
+    if address:
+        timeout = settings.get("scheduler_timeout", 10.0)
+        try:
+            client = Client(address, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(f"--scheduler: cannot reach {address!r} within {timeout:g} s ({type(exc).__name__})") from None
+        with client:
+            _say(quiet, f"connected to {address}; dashboard: {client.dashboard_link}")
+            yield client
+        return
+    if "cluster" in settings:
+        cluster = jobqueue_cluster(settings["cluster"])
+    else:
+        from streamem.cluster import local_cluster
+
+        cluster = local_cluster(
+            n_workers=settings.get("workers", 2),
+            threads_per_worker=settings.get("threads_per_worker", 1),
+            memory_limit=settings.get("memory_limit", "auto"),
+        )
+    with cluster, Client(cluster) as client:
+        _say(quiet, f"dashboard: {client.dashboard_link}")
+        yield client
+
+
+def jobqueue_cluster(section: dict[str, Any]) -> Any:
+    """A dask-jobqueue cluster from a config's ``cluster:`` section (``kind``, ``jobs``, and the cluster's own keywords)."""
+    section = dict(section)
+    kind = section.pop("kind", None)
+    jobs = section.pop("jobs", 1)
+    classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+    if kind not in classes:
+        raise UsageError(f"--config: cluster.kind must be one of {sorted(classes)}, got {kind!r}")
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise UsageError("--config: a cluster section needs dask-jobqueue: pip install 'streamem[hpc]'") from None
+    try:
+        cluster = getattr(dask_jobqueue, classes[kind])(**section)
+    except TypeError as exc:
+        raise UsageError(f"--config: cluster section: {exc}") from None
+    cluster.scale(jobs=jobs)
+    return cluster
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_fit(args: argparse.Namespace) -> None:
+    import streamem
+    from streamem.matching import match_components
+
+    settings = merged_settings(args)
+    streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
+    kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
+    for name in _NPY_OPTIONS:
+        if name in kwargs:
+            kwargs[name] = _load_npy(name, kwargs[name])
+    old = None
+    if settings.get("init_from"):
+        old = streamem.load(settings["init_from"])
+        kwargs.setdefault("n_components", old.n_components)
+        kwargs.setdefault("covariance_type", old.covariance_type)
+        if (kwargs["n_components"], kwargs["covariance_type"]) != (old.n_components, old.covariance_type):
+            raise UsageError("--init-from: the old model has other n_components or covariance_type than asked for")
+        kwargs.update(weights_init=old.weights_, means_init=old.means_, precisions_init=old.precisions_)
+    kwargs.setdefault("verbose_interval", 1)
+    if os.path.exists(args.out) and not settings.get("overwrite"):
+        raise UsageError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
+    with dask_client(settings, args.quiet) as client:
+        model = streamem.GaussianMixture(verbose=0 if args.quiet else 1, client=client, **kwargs)
+        tic = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if args.quiet else "default")
+            model.fit(
+                args.data,
+                variable=settings.get("variable"),
+                sample_dim=settings.get("sample_dim"),
+                checkpoint=settings.get("checkpoint"),
+                resume=bool(settings.get("resume")),
+                progress=_progress(args),
+            )
+        seconds = time.perf_counter() - tic
+    model.client = None
+    if old is not None:
+        model.permute_components(match_components(old, model))
+    model.save(args.out, overwrite=bool(settings.get("overwrite")))
+    _say(args.quiet, f"fitted in {seconds:.1f} s: {model.n_iter_} iterations, converged={model.converged_}, "
+         f"mean log-likelihood {model.lower_bound_:.6f}; saved {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import xarray as xr
+
+    import streamem
+    from streamem.io import write_dataset
+
+    model = streamem.load(args.model)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
+    settings = merged_settings(args)
+    with dask_client(settings, args.quiet):
+        data = streamem.load_data(args.data, variable=args.variable, sample_dim=args.sample_dim)
+        sample_dim = data.sample_dim or "sample"
+        as_xr = lambda arr, *extra: _as_dataarray(data, arr, sample_dim, *extra)  # noqa: E731
+        variables = {"labels": as_xr(model.predict(data.array))}
+        if args.proba:
+            variables["proba"] = as_xr(model.predict_proba(data.array), "component")
+        if args.score:
+            variables["log_likelihood"] = as_xr(model.score_samples(data.array))
+        ds = xr.Dataset(variables)
+        ds.attrs = {"model": os.path.abspath(args.model), "data_source": data.source}
+        write_dataset(ds, args.out, overwrite=args.overwrite)
+    _say(args.quiet, f"wrote {', '.join(variables)} for {data.n_samples:,} rows to {args.out}")
+
+
+def _as_dataarray(data: Any, arr: Any, sample_dim: str, *extra: str) -> Any:
+    import xarray as xr
+
+    # Only an xarray input has a sample coordinate; we do not invent one (an
+    # index of all rows would have to sit in memory).
+    return xr.DataArray(arr, dims=(sample_dim, *extra), coords=dict(data.coords))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import streamem
+
+    model = streamem.load(args.model)
+    with dask_client(merged_settings(args), args.quiet):
+        data = streamem.load_data(args.data, variable=args.variable, sample_dim=args.sample_dim)
+        total = model._total_loglik(data)
+    n = data.n_samples
+    p = model._family().n_parameters(model.n_components, model.n_features_in_)
+    print(f"rows: {n}\nmean log-likelihood: {total / n:.10g}\nBIC: {-2 * total + p * np.log(n):.10g}\nAIC: {-2 * total + 2 * p:.10g}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import streamem
+
+    model = streamem.load(args.model)
+    np.set_printoptions(precision=4, suppress=True, linewidth=120)
+    data = getattr(model, "fit_data_", {})
+    print(f"{type(model).__name__}: {model.n_components} components, covariance_type={model.covariance_type!r}, "
+          f"{model.n_features_in_} features")
+    print(f"fitted on: {data.get('source', '?')} shape {data.get('shape', '?')}")
+    print(f"iterations: {model.n_iter_}, converged: {model.converged_}, mean log-likelihood: {model.lower_bound_:.10g}")
+    print("weights:", model.weights_)
+    print("means:")
+    print(model.means_)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from streamem.generate import generate
+
+    tic = time.perf_counter()
+    generate(args.out, args.n_samples, args.n_features, args.n_components, chunk_rows=args.chunk_rows,
+             seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+    nbytes = args.n_samples * args.n_features * np.dtype(args.dtype).itemsize
+    _say(args.quiet, f"wrote {args.n_samples:,} x {args.n_features} {args.dtype} ({nbytes / 2**20:,.1f} MiB) to {args.out} "
+         f"in {time.perf_counter() - tic:.1f} s")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    import streamem
+    from streamem.plot import plot_model
+
+    model = streamem.load(args.model)
+    data = streamem.load_data(args.data, variable=args.variable) if args.data else None
+    plot_model(model, args.out, data=data, features=args.features, n_points=args.n_points, seed=args.seed)
+    _say(args.quiet, f"wrote {args.out}")
+
+
+def cmd_accumulate(args: argparse.Namespace) -> None:
+    import streamem
+    from streamem.mapreduce import accumulate, write_stats
+
+    model = streamem.load(args.model)
+    with dask_client(merged_settings(args), args.quiet) as client:
+        ds = accumulate(model, args.data, rows=args.rows, variable=args.variable, client=client)
+    write_stats(ds, args.out, overwrite=args.overwrite)
+    _say(args.quiet, f"wrote statistics of rows {ds.attrs['rows']} to {args.out}")
+
+
+def cmd_reduce(args: argparse.Namespace) -> None:
+    import streamem
+    from streamem.mapreduce import reduce_stats
+
+    model = reduce_stats(streamem.load(args.model), args.stats)
+    model.save(args.out, overwrite=args.overwrite)
+    _say(args.quiet, f"one EM iteration from {len(args.stats)} shards: mean log-likelihood {model.lower_bound_:.10g}; saved {args.out}")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _load_npy(name: str, path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--{name.replace('_', '-')}: cannot read {path!r} as a .npy array: {exc}") from None
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamem", description="Out-of-core EM for Gaussian mixtures on Dask + Zarr.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Any, help: str, cluster: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress or log output")
+        if cluster:
+            _add_options(p.add_argument_group("cluster"), CLUSTER_OPTIONS)
+            p.add_argument("--config", help="YAML file of settings (flags override it)")
+        return p
+
+    p = command("fit", cmd_fit, "fit a Gaussian mixture to DATA and save it to --out", cluster=True)
+    p.add_argument("data", help="Zarr store (array, or group with --variable)")
+    p.add_argument("--out", required=True, help="model store to write (Zarr)")
+    _add_options(p.add_argument_group("model"), FIT_OPTIONS)
+
+    for name, func, help in (("predict", cmd_predict, "write labels (and --proba, --score) for every row of DATA"),
+                             ("score", cmd_score, "print mean log-likelihood, BIC and AIC of MODEL on DATA"),
+                             ("accumulate", cmd_accumulate, "write one shard's sufficient statistics under MODEL")):
+        p = command(name, func, help, cluster=True)
+        p.add_argument("model")
+        p.add_argument("data")
+        p.add_argument("--variable")
+        if name != "accumulate":
+            p.add_argument("--sample-dim")
+        if name != "score":
+            p.add_argument("--out", required=True)
+            p.add_argument("--overwrite", action="store_true")
+    p = sub.choices["predict"]
+    p.add_argument("--proba", action="store_true", help="also write responsibilities (sample, component)")
+    p.add_argument("--score", action="store_true", help="also write each row's log-likelihood")
+    sub.choices["accumulate"].add_argument("--rows", help="START:STOP (default: all rows)")
+
+    p = command("reduce", cmd_reduce, "sum shards' statistics and do one M-step from --model")
+    p.add_argument("stats", nargs="+", help="statistics stores written by accumulate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("info", cmd_info, "print a summary of a saved model")
+    p.add_argument("model")
+
+    p = command("generate", cmd_generate, "write synthetic Gaussian-mixture data to a Zarr store")
+    p.add_argument("out")
+    p.add_argument("--n-samples", type=int, default=1_000_000)
+    p.add_argument("--n-features", type=int, default=16)
+    p.add_argument("--n-components", type=int, default=8)
+    p.add_argument("--chunk-rows", type=int, default=65_536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("plot", cmd_plot, "plot the convergence curve, and with --data a scatter with covariance ellipses")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--data")
+    p.add_argument("--variable")
+    p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="two feature indices (default: first two principal axes)")
+    p.add_argument("--n-points", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _version() -> str:
+    import streamem
+
+    return streamem.__version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Dask's own INFO lines (from the workers' processes too) drown ours.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    if not args.quiet:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        args.func(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        message = str(exc)
+        print(f"streamem {args.command}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

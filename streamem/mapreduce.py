@@ -1,0 +1,121 @@
+"""One EM iteration as separate jobs: accumulate statistics per shard, reduce them.
+
+For array jobs on a batch system without a live Dask cluster: each job runs
+:func:`accumulate` on a range of rows and writes that shard's statistics (a
+few KB) to a Zarr store; one final job runs :func:`reduce_stats` on all of
+them, which sums the statistics and does the M-step. Because statistics are
+additive, the result is one EM iteration of the whole data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+from streamem.cluster import resolve_scheduler
+from streamem.data import load_data
+from streamem.em import DataPasses, add_elementwise, _stats_of_models
+from streamem.io import FORMAT_VERSION, open_dataset, write_dataset
+from streamem.stats import SuffStats, sum_in_order
+
+FORMAT_NAME = "streamem-stats"
+
+
+def model_digest(model: Any) -> str:
+    """A hash of the parameters the statistics were computed with."""
+    h = hashlib.sha256()
+    for a in (model.weights_, model.means_, model.covariances_, model.precisions_cholesky_):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def parse_rows(rows: str | None, n_samples: int) -> tuple[int, int]:
+    """``"START:STOP"`` (either may be empty) to a checked half-open range."""
+    if rows is None:
+        return 0, n_samples
+    try:
+        start_s, stop_s = rows.split(":")
+        start = int(start_s) if start_s else 0
+        stop = int(stop_s) if stop_s else n_samples
+    except ValueError:
+        raise ValueError(f"rows must look like START:STOP, got {rows!r}") from None
+    if not 0 <= start < stop <= n_samples:
+        raise ValueError(f"rows={rows!r} is not a non-empty range within 0:{n_samples}")
+    return start, stop
+
+
+def accumulate(model: Any, X: Any, *, rows: str | None = None, variable: str | None = None, client: Any = None) -> xr.Dataset:
+    """Statistics and log-likelihood of rows ``START:STOP`` of ``X`` under ``model``.
+
+    Returns an xarray Dataset ready for :func:`write_stats`.
+    """
+    data = model._load_fitted(X, variable=variable)
+    start, stop = parse_rows(rows, data.n_samples)
+    shard = load_data(data.array[start:stop])
+    passes = DataPasses(shard, resolve_scheduler(client))
+    (stats,) = passes.run(_stats_of_models, (model._family(), [model._params()]), add_elementwise)
+    dims = {"n": (), "loglik": (), "nk": ("component",), "s1": ("component", "feature")}
+    dims["s2"] = {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(
+        model.covariance_type, ("component", "feature")
+    )
+    ds = xr.Dataset({name: (dims[name], value) for name, value in stats.arrays.items()})
+    ds.attrs = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_digest": model_digest(model),
+        "covariance_type": model.covariance_type,
+        "rows": json.dumps([start, stop]),
+        "n_samples_total": data.n_samples,
+        "data_source": data.source,
+    }
+    return ds
+
+
+def write_stats(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    write_dataset(ds, path, overwrite=overwrite)
+
+
+def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
+    """Sum the shards' statistics and do one M-step from ``model``.
+
+    Refuses shards computed from another model, overlapping row ranges, and
+    (with a ValueError naming the missing rows) shards that do not cover the
+    data. Returns a new fitted model: ``n_iter_`` one more, the shards'
+    mean log-likelihood appended to ``lower_bounds_``.
+    """
+    if not paths:
+        raise ValueError("reduce needs at least one statistics store")
+    digest = model_digest(model)
+    parts, ranges, totals = [], [], set()
+    for path in paths:
+        ds = open_dataset(path, FORMAT_NAME)
+        if ds.attrs.get("model_digest") != digest:
+            raise ValueError(f"{os.fspath(path)!r} holds statistics of another model; accumulate them with this one")
+        parts.append(SuffStats({name: np.asarray(ds[name].values, dtype=np.float64) for name in ds.data_vars}))
+        ranges.append((tuple(json.loads(ds.attrs["rows"])), os.fspath(path)))
+        totals.add(int(ds.attrs["n_samples_total"]))
+    ranges.sort()
+    for (a, pa), (b, pb) in zip(ranges, ranges[1:]):
+        if b[0] < a[1]:
+            raise ValueError(f"row ranges overlap: {pa!r} has rows {a[0]}:{a[1]}, {pb!r} has {b[0]}:{b[1]}")
+    covered = sum(r[1] - r[0] for r, _ in ranges)
+    if len(totals) != 1 or covered != totals.pop():
+        raise ValueError(f"the shards cover {covered} rows, not all rows of the data; missing shards?")
+    total = sum_in_order(parts)
+    new = model.__class__(**model.get_params())
+    for name, value in vars(model).items():
+        if name.endswith("_"):
+            setattr(new, name, value)
+    family = model._family()
+    new._set_params(family, family.m_step(total, model.means_))
+    previous = model.lower_bound_
+    new.lower_bound_ = total.loglik / total.n
+    new.lower_bounds_ = list(model.lower_bounds_) + [new.lower_bound_]
+    new.n_iter_ = model.n_iter_ + 1
+    new.converged_ = abs(new.lower_bound_ - previous) < model.tol
+    return new
