@@ -413,7 +413,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Dask's own INFO lines (from the workers' processes too) drown ours.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if not args.quiet:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
