@@ -46,7 +46,7 @@ def data_fingerprint(data: InputData) -> dict[str, Any]:
 def fit_settings(model: Any) -> dict[str, Any]:
     """The estimator settings a resumed fit must share with the checkpointed one."""
     settings: dict[str, Any] = {}
-    for name in ("n_components", "covariance_type", "tol", "reg_covar", "n_init", "init_params", "init_sample_size"):
+    for name in ("n_components", "covariance_type", "tol", "reg_covar", "n_init", "init_params", "init_sample_size", "dtype"):
         settings[name] = getattr(model, name)
     settings["random_state"] = model.random_state if isinstance(model.random_state, (int, type(None))) else "instance"
     for name in ("weights_init", "means_init", "precisions_init"):

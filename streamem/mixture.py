@@ -66,6 +66,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Run on this client; by default the active client, else local threads.
     init_sample_size : int, default=100000
         Rows k-means sees at most.
+    dtype : {"float64", "float32"}, default="float64"
+        Precision of the E-step arithmetic. Statistics are accumulated in
+        float64 either way, centred at the component means.
 
     Attributes
     ----------
@@ -107,6 +110,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         verbose_interval: int = 10,
         client: Any = None,
         init_sample_size: int = DEFAULT_SAMPLE_SIZE,
+        dtype: str = "float64",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -124,6 +128,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.verbose_interval = verbose_interval
         self.client = client
         self.init_sample_size = init_sample_size
+        self.dtype = dtype
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -323,7 +328,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # -------------------------------------------------------------- helpers
     def _family(self) -> GaussianFamily:
-        return GaussianFamily(self.covariance_type, float(self.reg_covar))
+        return GaussianFamily(self.covariance_type, float(self.reg_covar), self.dtype)
 
     def _params(self) -> GaussianParams:
         return GaussianParams(self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
@@ -410,6 +415,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         _check_real("reg_covar", self.reg_covar, 0.0)
         if self.covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.init_params not in INIT_METHODS:
             raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
 

@@ -53,18 +53,24 @@ class GaussianFamily:
     covariance_type : {"full", "tied", "diag", "spherical"}
     reg_covar : float
         Added to the diagonal of every covariance.
+    dtype : {"float64", "float32"}
+        Precision of the E-step arithmetic; statistics are always float64.
     """
 
     covariance_type: str = "full"
     reg_covar: float = 1e-6
+    dtype: str = "float64"
 
     # ----------------------------------------------------------------- E-step
     def log_prob(self, X: np.ndarray, params: GaussianParams) -> np.ndarray:
-        """Weighted log joint ``log w_k + log N(x | k)``, shape (n, K)."""
+        """Weighted log joint ``log w_k + log N(x | k)``, shape (n, K), in :attr:`dtype`."""
+        dt = np.dtype(self.dtype)
         shift = _shift(params)
-        xs = np.asarray(X, dtype=np.float64) - shift
-        means = params.means - shift
-        prec_chol = params.precisions_cholesky
+        # Subtract the shift in float64 before any rounding to ``dt``.
+        xs = (np.asarray(X, dtype=np.float64) - shift).astype(dt, copy=False)
+        means = (params.means - shift).astype(dt)
+        prec_chol64 = params.precisions_cholesky
+        prec_chol = prec_chol64.astype(dt)
         n, d = xs.shape
         K = means.shape[0]
         ct = self.covariance_type
@@ -72,23 +78,30 @@ class GaussianFamily:
             # One BLAS-3 product for all components: xs @ [U_1 | ... | U_K].
             u_cat = prec_chol.transpose(1, 0, 2).reshape(d, K * d)
             offsets = np.einsum("kd,kde->ke", means, prec_chol).reshape(K * d)
-            y = (xs @ u_cat - offsets).reshape(n, K, d)
+            y = xs @ u_cat
+            y -= offsets
+            y = y.reshape(n, K, d)
             sq = np.einsum("nkd,nkd->nk", y, y)
-            log_det = np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+            log_det = np.log(np.diagonal(prec_chol64, axis1=1, axis2=2)).sum(axis=1)
         elif ct == "tied":
             z = xs @ prec_chol
             y = z[:, None, :] - (means @ prec_chol)[None, :, :]
             sq = np.einsum("nkd,nkd->nk", y, y)
-            log_det = np.full(K, np.log(np.diag(prec_chol)).sum())
-        elif ct == "diag":
-            prec = prec_chol**2
-            sq = (xs**2) @ prec.T - 2.0 * xs @ (means * prec).T + (means**2 * prec).sum(axis=1)
-            log_det = np.log(prec_chol).sum(axis=1)
-        else:  # spherical
-            prec = prec_chol**2
-            sq = ((xs**2).sum(axis=1)[:, None] - 2.0 * xs @ means.T + (means**2).sum(axis=1)) * prec
-            log_det = d * np.log(prec_chol)
-        return -0.5 * (d * _LOG_2PI + sq) + log_det + np.log(params.weights)
+            log_det = np.full(K, np.log(np.diag(prec_chol64)).sum())
+        else:
+            scale = prec_chol if ct == "diag" else np.repeat(prec_chol[:, None], d, axis=1)
+            if dt == np.float64:
+                prec = scale**2
+                sq = (xs**2) @ prec.T - 2.0 * xs @ (means * prec).T + (means**2 * prec).sum(axis=1)
+            else:
+                # The expanded form cancels badly in single precision.
+                y = (xs[:, None, :] - means) * scale
+                sq = np.einsum("nkd,nkd->nk", y, y)
+            log_det = np.log(prec_chol64).sum(axis=1) if ct == "diag" else d * np.log(prec_chol64)
+        const = (log_det + np.log(params.weights) - 0.5 * d * _LOG_2PI).astype(dt)
+        sq *= -0.5
+        sq += const
+        return sq
 
     def e_step(self, X: np.ndarray, params: GaussianParams) -> tuple[np.ndarray, np.ndarray]:
         """Per-row log-likelihood (n,) and responsibilities (n, K)."""
@@ -100,7 +113,7 @@ class GaussianFamily:
         total = resp.sum(axis=1, keepdims=True)
         resp /= total
         with np.errstate(divide="ignore"):
-            loglik = np.log(total[:, 0]) + top[:, 0]
+            loglik = np.log(total[:, 0].astype(np.float64)) + top[:, 0]
         return loglik, resp
 
     def chunk_stats(self, X: np.ndarray, params: GaussianParams) -> SuffStats:
@@ -114,29 +127,37 @@ class GaussianFamily:
         for start in range(0, len(X), SLICE_ROWS):
             rows = np.asarray(X[start : start + SLICE_ROWS], dtype=np.float64)
             loglik, resp = self.e_step(rows, params)
-            part = self.stats_from_resp(rows, resp, params.means, loglik=float(loglik.sum()))
+            part = self.stats_from_resp(rows, resp, params.means, loglik=float(loglik.sum(dtype=np.float64)))
             total = part if total is None else total + part
         return total
 
     # ------------------------------------------------------------ statistics
     def stats_from_resp(self, X: np.ndarray, resp: np.ndarray, center: np.ndarray, *, loglik: float = 0.0) -> SuffStats:
-        """Statistics of rows ``X`` with responsibilities ``resp``, centred at ``center`` (K, d)."""
+        """Statistics of rows ``X`` with responsibilities ``resp``, centred at ``center`` (K, d).
+
+        Returned in float64. With ``dtype="float32"`` only the scatter
+        products of full/tied models run in single precision, on data
+        already centred at each component's mean.
+        """
         shift = center.mean(axis=0)
         xs = np.asarray(X, dtype=np.float64) - shift
         c = center - shift
-        nk = resp.sum(axis=0)
-        s1 = resp.T @ xs - nk[:, None] * c
+        resp64 = resp.astype(np.float64, copy=False)
+        nk = resp64.sum(axis=0)
+        s1 = resp64.T @ xs - nk[:, None] * c
         if self.covariance_type in ("full", "tied"):
+            dt = np.dtype(self.dtype)
+            xs_dt, c_dt, resp_dt = xs.astype(dt, copy=False), c.astype(dt), resp.astype(dt, copy=False)
             K, d = c.shape
             s2 = np.empty((K, d, d))
             for k in range(K):
-                xk = xs - c[k]
-                s2[k] = (xk * resp[:, k : k + 1]).T @ xk
+                xk = xs_dt - c_dt[k]
+                s2[k] = (xk * resp_dt[:, k : k + 1]).T @ xk
             if self.covariance_type == "tied":
                 s2 = s2.sum(axis=0)
         else:
             # sum_i r_ik (x_i - c_k)^2, expanded around the shift.
-            s2 = resp.T @ (xs**2) - 2.0 * c * (resp.T @ xs) + nk[:, None] * c**2
+            s2 = resp64.T @ (xs**2) - 2.0 * c * (resp64.T @ xs) + nk[:, None] * c**2
         return SuffStats({"n": np.float64(len(xs)), "loglik": np.float64(loglik), "nk": nk, "s1": s1, "s2": s2})
 
     # ---------------------------------------------------------------- M-step
