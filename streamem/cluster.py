@@ -24,6 +24,34 @@ def resolve_scheduler(client: Any = None) -> Any:
     return dask.config.get("scheduler", None) or "threads"
 
 
+PERSIST_MODES = ("auto", "always", "never")
+
+
+def is_client(scheduler: Any) -> bool:
+    return hasattr(scheduler, "persist") and hasattr(scheduler, "scheduler_info")
+
+
+def should_persist(mode: str, nbytes: int, in_memory: bool, scheduler: Any) -> bool:
+    """Whether to keep the data in the workers' memory across passes.
+
+    ``"auto"``: on a distributed cluster when the data take at most half of
+    the workers' total memory limit; on the local scheduler when the data
+    are not in memory already and take at most a quarter of the available
+    memory.
+    """
+    if mode not in PERSIST_MODES:
+        raise ValueError(f"persist must be one of {PERSIST_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode == "always"
+    import psutil
+
+    if is_client(scheduler):
+        workers = scheduler.scheduler_info(n_workers=-1)["workers"].values()
+        limit = sum(w.get("memory_limit") or psutil.virtual_memory().total for w in workers)
+        return nbytes <= limit / 2
+    return not in_memory and nbytes <= psutil.virtual_memory().available / 4
+
+
 def local_cluster(
     n_workers: int = 2,
     threads_per_worker: int = 1,

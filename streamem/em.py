@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import dask
 import numpy as np
 
+from streamem.cluster import is_client
 from streamem.data import InputData
 from streamem.stats import SuffStats
 
@@ -80,15 +81,25 @@ class DataPasses:
     data : InputData
     scheduler : str or distributed.Client
         Passed to ``dask.compute``.
+    progress : bool
+        Show a progress bar over the chunks of every pass.
+    persist : bool
+        Keep the chunks in (the workers') memory after the first read.
     """
 
-    def __init__(self, data: InputData, scheduler: Any, *, progress: bool = False):
+    def __init__(self, data: InputData, scheduler: Any, *, progress: bool = False, persist: bool = False):
         self.data = data
         self.scheduler = scheduler
         self.progress = progress
         self.offsets = data.row_offsets()
-        self.blocks = list(data.array.to_delayed().ravel())
+        array = data.array
+        if persist:
+            # Read once; later passes find the chunks in the workers' memory.
+            array = scheduler.persist(array) if is_client(scheduler) else array.persist(scheduler=scheduler)
+        self.array = array  # holds persisted chunks alive for the passes
+        self.blocks = list(array.to_delayed().ravel())
         self.n_passes = 0
+        self.tasks_per_pass = 0
 
     @property
     def n_chunks(self) -> int:
@@ -111,6 +122,7 @@ class DataPasses:
                 dask.delayed(_combine, pure=True)(combine, *level[i : i + TREE_FAN_IN])
                 for i in range(0, len(level), TREE_FAN_IN)
             ]
+        self.tasks_per_pass = len(level[0].__dask_graph__())
         result = self._compute(level[0], chunk_tasks)
         self.n_passes += 1
         if result.n_bad:
@@ -129,7 +141,7 @@ class DataPasses:
         from tqdm import tqdm
 
         with tqdm(total=len(chunk_tasks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
-            if hasattr(self.scheduler, "compute") and hasattr(self.scheduler, "gather"):
+            if is_client(self.scheduler):
                 from distributed import as_completed
 
                 # Chunk results are small statistics: returning them as well

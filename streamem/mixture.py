@@ -17,7 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
 from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint, save_checkpoint
-from streamem.cluster import resolve_scheduler
+from streamem.cluster import PERSIST_MODES, resolve_scheduler, should_persist
 from streamem.data import InputData, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
@@ -69,6 +69,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     dtype : {"float64", "float32"}, default="float64"
         Precision of the E-step arithmetic. Statistics are accumulated in
         float64 either way, centred at the component means.
+    persist : {"auto", "always", "never"}, default="auto"
+        Keep the data in the workers' memory across iterations instead of
+        re-reading every chunk in every pass. ``"auto"`` does so when the
+        data take at most half the workers' memory (on the local scheduler:
+        a quarter of the available memory, and never for numpy input).
 
     Attributes
     ----------
@@ -89,6 +94,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Provenance of the training data: source, shape, row chunks, dtype.
     n_data_passes_ : int
         Passes over the data the last fit made (initialisation included).
+    tasks_per_pass_ : int
+        Dask tasks in the graph of the last pass (chunk reads included).
     """
 
     def __init__(
@@ -111,6 +118,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         client: Any = None,
         init_sample_size: int = DEFAULT_SAMPLE_SIZE,
         dtype: str = "float64",
+        persist: str = "auto",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -129,6 +137,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.client = client
         self.init_sample_size = init_sample_size
         self.dtype = dtype
+        self.persist = persist
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -171,7 +180,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         check_n_samples(data, self.n_components)
         self._check_initial_parameters(data.n_features)
         family = self._family()
-        passes = DataPasses(data, resolve_scheduler(self.client), progress=progress)
+        scheduler = resolve_scheduler(self.client)
+        persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
+        passes = DataPasses(data, scheduler, progress=progress, persist=persist)
         if resume and checkpoint is None:
             raise ValueError("resume=True needs checkpoint= naming the checkpoint directory")
         settings, fingerprint = fit_settings(self), data_fingerprint(data)
@@ -216,6 +227,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.lower_bound_ = float(run.lower_bound)
         self.lower_bounds_ = list(run.lower_bounds)
         self.n_data_passes_ = passes.n_passes
+        self.tasks_per_pass_ = passes.tasks_per_pass
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
@@ -415,6 +427,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         _check_real("reg_covar", self.reg_covar, 0.0)
         if self.covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
+        if self.persist not in PERSIST_MODES:
+            raise ValueError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.init_params not in INIT_METHODS:

@@ -1,0 +1,295 @@
+"""Model files: ``model.save(path)`` / ``streamem.load(path)`` (issue 4, item 1).
+
+A model store is an xarray Dataset in a Zarr v3 store, without pickle; it
+round-trips every fitted attribute exactly, carries provenance, and loading
+anything else (or a damaged store) is a ValueError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import zarr
+from numpy.testing import assert_allclose, assert_array_equal
+
+import streamem
+from workflow_helpers import COVARIANCE_TYPES, PARAM_ATTRS, inits, mixture_sample, pickle_traces, quiet_fit, sklearn_from
+
+N_ROWS = 3000
+#: Estimator settings that a loaded model must carry (arrays and clients are not stored).
+STORED_SETTINGS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params", "random_state", "init_sample_size")
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return mixture_sample(N_ROWS, seed=11)
+
+
+@pytest.fixture(scope="module")
+def X_new() -> np.ndarray:
+    return mixture_sample(700, seed=12)
+
+
+def _fit(X, covariance_type: str, **extra) -> streamem.GaussianMixture:
+    params = dict(n_components=3, covariance_type=covariance_type, tol=0, max_iter=6, reg_covar=1e-5, random_state=4)
+    params.update(inits(covariance_type))
+    params.update(extra)
+    return quiet_fit(streamem.GaussianMixture(**params), X)
+
+
+@pytest.fixture(scope="module", params=COVARIANCE_TYPES)
+def fitted(request, X) -> streamem.GaussianMixture:
+    return _fit(X, request.param)
+
+
+@pytest.fixture(scope="module")
+def xr_model(X) -> tuple[streamem.GaussianMixture, xr.DataArray]:
+    """A model fitted on an xarray DataArray (time, band) with band = r, g, b."""
+    arr = xr.DataArray(
+        X,
+        dims=("time", "band"),
+        coords={"time": pd.date_range("2024-01-01", periods=len(X), freq="min"), "band": ["r", "g", "b"]},
+    ).chunk({"time": 1000})
+    return _fit(arr, "full"), arr
+
+
+# ------------------------------------------------------------------ round trip
+def test_round_trip_is_exact(fitted, X, X_new, tmp_path):
+    path = tmp_path / "model.zarr"
+    fitted.save(path)
+    loaded = streamem.load(path)
+
+    assert type(loaded) is type(fitted)
+    for name in PARAM_ATTRS:
+        assert_array_equal(getattr(loaded, name), getattr(fitted, name), err_msg=name)
+        assert np.asarray(getattr(loaded, name)).dtype == np.float64, name
+    assert loaded.n_iter_ == fitted.n_iter_ == 6
+    assert loaded.converged_ is fitted.converged_ is False
+    assert loaded.lower_bound_ == fitted.lower_bound_
+    assert list(loaded.lower_bounds_) == list(fitted.lower_bounds_)
+    assert loaded.n_features_in_ == fitted.n_features_in_ == 3
+    for name in STORED_SETTINGS:
+        assert loaded.get_params()[name] == fitted.get_params()[name], name
+
+    for data in (X, X_new):
+        assert_array_equal(loaded.predict(data), fitted.predict(data))
+        assert_array_equal(loaded.predict_proba(data), fitted.predict_proba(data))
+        assert_array_equal(loaded.score_samples(data), fitted.score_samples(data))
+        assert loaded.score(data) == fitted.score(data)
+    # And scikit-learn, given the loaded parameters, computes the same densities.
+    assert_allclose(loaded.score_samples(X_new), sklearn_from(fitted).score_samples(X_new), rtol=1e-10)
+    assert_allclose(loaded.predict_proba(X_new), sklearn_from(fitted).predict_proba(X_new), rtol=1e-8, atol=1e-12)
+
+
+def test_store_is_an_xarray_dataset_with_provenance(xr_model, tmp_path):
+    model, arr = xr_model
+    path = tmp_path / "model.zarr"
+    before = datetime.now(timezone.utc) - timedelta(seconds=2)
+    model.save(path)
+    after = datetime.now(timezone.utc) + timedelta(seconds=2)
+
+    ds = xr.open_zarr(path, consolidated=False)
+    assert {"component", "feature"} <= set(ds.sizes)
+    assert ds.sizes["component"] == 3 and ds.sizes["feature"] == 3
+    assert ds["means"].dims == ("component", "feature")
+    assert ds["weights"].dims == ("component",)
+    assert ds["feature"].values.tolist() == ["r", "g", "b"]
+    assert_array_equal(ds["means"].values, model.means_)
+    assert_array_equal(ds["weights"].values, model.weights_)
+    # The convergence curve is a variable, one value per iteration.
+    assert "lower_bounds" in ds.data_vars
+    assert_array_equal(ds["lower_bounds"].values, model.lower_bounds_)
+    assert ds["lower_bounds"].size == model.n_iter_ == 6
+
+    attrs = ds.attrs
+    for key in ("streamem_version", "model_class", "params", "data_source", "data_shape", "fit_date", "n_iter", "converged", "format_version"):
+        assert key in attrs, f"attribute {key!r} missing; have {sorted(attrs)}"
+    assert attrs["streamem_version"] == streamem.__version__
+    assert attrs["model_class"] == "GaussianMixture"
+    params = json.loads(attrs["params"])
+    assert params["n_components"] == 3 and params["covariance_type"] == "full"
+    assert params["tol"] == 0 and params["max_iter"] == 6 and params["reg_covar"] == 1e-5 and params["random_state"] == 4
+    assert list(attrs["data_shape"]) == [N_ROWS, 3]
+    assert isinstance(attrs["data_source"], str)
+    assert before <= datetime.fromisoformat(attrs["fit_date"]) <= after
+    assert attrs["n_iter"] == 6
+    assert attrs["converged"] is False
+    assert isinstance(attrs["format_version"], int) and attrs["format_version"] >= 1
+
+    loaded = streamem.load(path)
+    assert list(loaded.feature_coord_) == ["r", "g", "b"]
+    # Predictions on xarray input keep the sample coordinate.
+    labels = loaded.predict(arr)
+    assert isinstance(labels, xr.DataArray) and labels.dims == ("time",)
+    assert_array_equal(labels["time"].values, arr["time"].values)
+    assert_array_equal(labels.values, model.predict(arr.values))
+
+
+def test_feature_names_round_trip(X, tmp_path):
+    frame = pd.DataFrame(X, columns=["alpha", "beta", "gamma"])
+    model = _fit(frame, "diag")
+    model.save(tmp_path / "m.zarr")
+    loaded = streamem.load(tmp_path / "m.zarr")
+    assert list(loaded.feature_names_in_) == ["alpha", "beta", "gamma"]
+    assert_array_equal(loaded.predict(frame), model.predict(frame))
+
+
+def test_no_pickle_in_the_store(xr_model, tmp_path):
+    model, _ = xr_model
+    path = tmp_path / "model.zarr"
+    model.save(path)
+    assert pickle_traces(path) == []
+    # Every array has a plain numeric or string dtype, never object.
+    group = zarr.open_group(path, mode="r")
+    names = []
+    for name, array in group.arrays():
+        names.append(name)
+        assert array.dtype.kind in "biufUS", f"{name} has dtype {array.dtype}"
+    assert {"weights", "means", "covariances", "lower_bounds"} <= set(names)
+    # The detector itself finds a pickle (the check can fail).
+    shutil.copytree(path, tmp_path / "copy.zarr")
+    with open(tmp_path / "copy.zarr" / "extra", "wb") as fh:
+        fh.write(pickle.dumps({"means": model.means_}, protocol=4))
+    assert pickle_traces(tmp_path / "copy.zarr") == ["extra"]
+
+
+# -------------------------------------------------------------------- refusals
+def _plain_zarr_array(path):
+    zarr.create_array(path, shape=(10, 3), chunks=(5, 3), dtype="float64", zarr_format=3)[...] = np.ones((10, 3))
+
+
+def _xarray_without_attributes(path):
+    xr.Dataset({"means": (("component", "feature"), np.zeros((3, 3))), "weights": (("component",), np.ones(3) / 3)}).to_zarr(
+        path, zarr_format=3, consolidated=False
+    )
+
+
+def _empty_directory(path):
+    os.makedirs(path)
+
+
+def _statistics_store(path):
+    from streamem.mapreduce import accumulate, write_stats
+
+    model = _fit(mixture_sample(300, seed=3), "full", max_iter=1)
+    write_stats(accumulate(model, mixture_sample(300, seed=3)), path)
+
+
+@pytest.mark.parametrize("make", [_plain_zarr_array, _xarray_without_attributes, _empty_directory, _statistics_store])
+def test_load_refuses_what_is_not_a_model(make, tmp_path):
+    path = os.fspath(tmp_path / "thing.zarr")
+    make(path)
+    with pytest.raises(ValueError):
+        streamem.load(path)
+
+
+def test_load_missing_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        streamem.load(tmp_path / "nothing.zarr")
+
+
+@pytest.mark.parametrize("variable", ["means", "weights", "covariances", "precisions_cholesky", "lower_bounds"])
+def test_load_refuses_a_store_with_missing_chunks(fitted, variable, tmp_path):
+    """A store whose variable lost its chunk files (an interrupted copy, say) is not silently filled in."""
+    path = tmp_path / "model.zarr"
+    fitted.save(path)
+    chunk_dir = path / variable / "c"
+    assert chunk_dir.is_dir()
+    shutil.rmtree(chunk_dir)
+    with pytest.raises(ValueError):
+        loaded = streamem.load(path)
+        # Only reached when load did not refuse: show what it made of the gap.
+        print(f"loaded {variable}:", getattr(loaded, variable + "_", None))
+
+
+def test_load_refuses_a_store_missing_a_variable(fitted, tmp_path):
+    path = tmp_path / "model.zarr"
+    fitted.save(path)
+    shutil.rmtree(path / "precisions_cholesky")
+    with pytest.raises(ValueError):
+        streamem.load(path)
+
+
+def test_load_refuses_a_corrupt_chunk(fitted, tmp_path):
+    path = tmp_path / "model.zarr"
+    fitted.save(path)
+    chunks = [os.path.join(d, f) for d, _, files in os.walk(path / "means" / "c") for f in files]
+    assert chunks
+    for chunk in chunks:
+        with open(chunk, "r+b") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.truncate(size // 2)
+    with pytest.raises(ValueError):
+        streamem.load(path)
+
+
+def test_load_refuses_a_newer_format(fitted, tmp_path):
+    path = tmp_path / "model.zarr"
+    fitted.save(path)
+    group = zarr.open_group(path, mode="r+")
+    assert group.attrs["format_version"] >= 1
+    group.attrs["format_version"] = 99
+    with pytest.raises(ValueError, match="(?i)upgrad"):
+        streamem.load(path)
+
+
+# ------------------------------------------------------------- overwrite rules
+def _entries(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_existing_path_refused_then_replaced_with_overwrite(X, tmp_path):
+    first = _fit(X, "full")
+    second = _fit(X, "diag", max_iter=3)
+    path = tmp_path / "model.zarr"
+    first.save(path)
+    with pytest.raises(FileExistsError):
+        second.save(path)
+    with pytest.raises(FileExistsError):
+        second.save(path, overwrite=False)
+    assert_array_equal(streamem.load(path).means_, first.means_)
+    assert streamem.load(path).covariance_type == "full"
+
+    second.save(path, overwrite=True)
+    loaded = streamem.load(path)
+    assert loaded.covariance_type == "diag" and loaded.n_iter_ == 3
+    assert_array_equal(loaded.covariances_, second.covariances_)
+    # No temporary or backup stores left beside the model.
+    assert _entries(tmp_path) == ["model.zarr"]
+
+
+def test_failed_overwrite_keeps_the_old_store(X, tmp_path, monkeypatch):
+    first = _fit(X, "spherical")
+    second = _fit(X, "tied")
+    path = tmp_path / "model.zarr"
+    first.save(path)
+
+    original = xr.Dataset.to_zarr
+
+    def write_then_fail(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", write_then_fail)
+    with pytest.raises(OSError):
+        second.save(path, overwrite=True)
+    monkeypatch.undo()
+
+    loaded = streamem.load(path)
+    assert loaded.covariance_type == "spherical"
+    assert_array_equal(loaded.means_, first.means_)
+    assert _entries(tmp_path) == ["model.zarr"]
+
+
+def test_save_into_a_missing_directory(fitted, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fitted.save(tmp_path / "no" / "such" / "model.zarr")
+    assert _entries(tmp_path) == []

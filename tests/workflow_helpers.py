@@ -1,0 +1,179 @@
+"""Helpers shared by the production-workflow tests (CLI, model files, checkpoints, map-reduce).
+
+Everything here is independent of streamem's numerics: data come from a
+fixed-seed numpy generator, references from scikit-learn or from an
+uninterrupted in-process fit made by the test itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import zarr
+from numpy.testing import assert_allclose
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+#: A well separated 3-component mixture in 3 dimensions (the "truth" every data set is drawn from).
+MIX_WEIGHTS = np.array([0.3, 0.45, 0.25])
+MIX_MEANS = np.array([[0.0, 0.0, 0.0], [6.0, 5.0, 0.5], [-5.0, 6.0, 4.0]])
+MIX_CHOL = np.array(
+    [
+        [[1.0, 0.0, 0.0], [0.5, 0.8, 0.0], [0.2, -0.3, 0.7]],
+        [[1.3, 0.0, 0.0], [-0.4, 0.6, 0.0], [0.0, 0.3, 1.1]],
+        [[0.7, 0.0, 0.0], [0.1, 1.2, 0.0], [0.5, 0.0, 0.9]],
+    ]
+)
+
+#: The parameters two fitted models are compared on.
+PARAM_ATTRS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+#: Initial parameters (deliberately off the truth) in scikit-learn's shapes, per covariance type.
+INIT_WEIGHTS = np.array([0.25, 0.4, 0.35])
+INIT_MEANS = MIX_MEANS + np.array([[0.5, -0.3, 0.2], [-0.4, 0.6, -0.5], [0.3, 0.3, -0.6]])
+INIT_PRECISIONS = {
+    "full": np.array(
+        [
+            [[0.8, 0.1, 0.0], [0.1, 0.9, -0.05], [0.0, -0.05, 0.7]],
+            [[1.0, 0.2, 0.0], [0.2, 1.1, -0.05], [0.0, -0.05, 0.9]],
+            [[1.2, 0.3, 0.0], [0.3, 1.0, -0.05], [0.0, -0.05, 1.1]],
+        ]
+    ),
+    "tied": np.array([[0.9, 0.1, 0.0], [0.1, 1.1, -0.05], [0.0, -0.05, 0.8]]),
+    "diag": np.array([[0.8, 1.0, 1.2], [1.1, 0.7, 0.9], [1.0, 1.3, 0.6]]),
+    "spherical": np.array([0.7, 1.0, 1.3]),
+}
+
+
+def inits(covariance_type: str) -> dict:
+    return {
+        "weights_init": INIT_WEIGHTS.copy(),
+        "means_init": INIT_MEANS.copy(),
+        "precisions_init": INIT_PRECISIONS[covariance_type].copy(),
+    }
+
+
+def mixture_sample(n: int, seed: int, n_features: int = 3) -> np.ndarray:
+    """``n`` rows drawn from the fixed mixture above (first ``n_features`` coordinates)."""
+    rng = np.random.RandomState(seed)
+    labels = rng.choice(len(MIX_WEIGHTS), size=n, p=MIX_WEIGHTS)
+    z = rng.standard_normal((n, 3))
+    X = MIX_MEANS[labels] + np.einsum("nij,nj->ni", MIX_CHOL[labels], z)
+    return np.ascontiguousarray(X[:, :n_features])
+
+
+def write_zarr(path, X: np.ndarray, chunk_rows: int) -> str:
+    """``X`` as a Zarr v3 array on disk, chunked by rows."""
+    path = os.fspath(path)
+    arr = zarr.create_array(path, shape=X.shape, chunks=(chunk_rows, X.shape[1]), dtype=X.dtype, zarr_format=3)
+    arr[...] = X
+    return path
+
+
+def cli(*args, env: dict | None = None, timeout: float = 240, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m streamem.cli ARGS`` in a subprocess (the real console entry point)."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTHONWARNINGS", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "streamem.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
+    )
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def check_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, exactly one line on stderr, no traceback, naming every needle. Returns the line."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def sklearn_fit(X: np.ndarray, **params) -> SkGaussianMixture:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return SkGaussianMixture(**params).fit(X)
+
+
+def quiet_fit(model, X, **fit_kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(X, **fit_kwargs)
+
+
+def sklearn_from(model) -> SkGaussianMixture:
+    """A scikit-learn GaussianMixture carrying ``model``'s fitted parameters (for scoring by sklearn's formulas)."""
+    sk = SkGaussianMixture(n_components=model.n_components, covariance_type=model.covariance_type)
+    sk.weights_ = np.asarray(model.weights_)
+    sk.means_ = np.asarray(model.means_)
+    sk.covariances_ = np.asarray(model.covariances_)
+    sk.precisions_cholesky_ = np.asarray(model.precisions_cholesky_)
+    sk.precisions_ = np.asarray(model.precisions_)
+    sk.n_features_in_ = model.means_.shape[1]
+    sk.converged_ = True
+    sk.n_iter_ = 1
+    sk.lower_bound_ = 0.0
+    return sk
+
+
+def assert_same_params(ours, ref, rtol: float, *, attrs=PARAM_ATTRS, bounds: bool = True, n_iter: bool = True) -> None:
+    """Fitted parameters agree to ``rtol`` relative (an absolute floor of rtol * 1e-6 * max|ref| for ~0 entries)."""
+    for name in attrs:
+        a, b = np.asarray(getattr(ours, name)), np.asarray(getattr(ref, name))
+        assert a.shape == b.shape, f"{name}: shape {a.shape} != {b.shape}"
+        assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-6 * float(np.max(np.abs(b))), err_msg=name)
+    if bounds:
+        assert_allclose(ours.lower_bound_, ref.lower_bound_, rtol=rtol, atol=0, err_msg="lower_bound_")
+        assert len(ours.lower_bounds_) == len(ref.lower_bounds_)
+        assert_allclose(ours.lower_bounds_, ref.lower_bounds_, rtol=rtol, atol=0, err_msg="lower_bounds_")
+    if n_iter:
+        assert ours.n_iter_ == ref.n_iter_
+        assert ours.converged_ == ref.converged_
+
+
+def save_npy_inits(directory, covariance_type: str) -> dict:
+    """Write the initial parameters to .npy files; returns {option name: path}."""
+    paths = {}
+    for name, value in inits(covariance_type).items():
+        path = os.path.join(os.fspath(directory), f"{name}.npy")
+        np.save(path, value)
+        paths[name] = path
+    return paths
+
+
+#: The first bytes of a pickle (protocol 2-5), and the framed header of protocol 4/5 anywhere in a file.
+PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+PICKLE_FRAMES = (b"\x80\x04\x95", b"\x80\x05\x95")
+
+
+def pickle_traces(root) -> list[str]:
+    """Files under ``root`` that start with a pickle header or hold a protocol-4/5 frame, or name a pickle codec."""
+    found = []
+    for dirpath, _, files in os.walk(os.fspath(root)):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            if data.startswith(PICKLE_STARTS) or any(h in data for h in PICKLE_FRAMES) or b"pickle" in data.lower():
+                found.append(os.path.relpath(path, root))
+    return found
