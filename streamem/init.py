@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.em import DataPasses
+from streamem.em import DataPasses, add_elementwise
 from streamem.stats import SuffStats
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
@@ -21,10 +21,6 @@ DEFAULT_SAMPLE_SIZE = 100_000
 
 def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b])
-
-
-def _add(a: SuffStats, b: SuffStats) -> SuffStats:
-    return a + b
 
 
 def _rows_at(block: np.ndarray, offset: int, index: np.ndarray | None) -> np.ndarray:
@@ -52,28 +48,36 @@ def _gather_rows(passes: DataPasses, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def _hard_assign_stats(block: np.ndarray, offset: int, payload) -> SuffStats:
-    family, centers = payload
+def _hard_assign_stats(block: np.ndarray, offset: int, payload) -> list[SuffStats]:
+    """Statistics of nearest-centre (k-means) labels, for every set of centres."""
+    family, centers_list = payload
     X = np.asarray(block, dtype=np.float64)
-    d2 = (X**2).sum(axis=1)[:, None] - 2.0 * X @ centers.T + (centers**2).sum(axis=1)
-    resp = np.zeros((len(X), len(centers)))
-    resp[np.arange(len(X)), d2.argmin(axis=1)] = 1.0
-    return family.stats_from_resp(X, resp, centers)
+    out = []
+    for centers in centers_list:
+        d2 = (X**2).sum(axis=1)[:, None] - 2.0 * X @ centers.T + (centers**2).sum(axis=1)
+        resp = np.zeros((len(X), len(centers)))
+        resp[np.arange(len(X)), d2.argmin(axis=1)] = 1.0
+        out.append(family.stats_from_resp(X, resp, centers))
+    return out
 
 
-def _random_resp_stats(block: np.ndarray, offset: int, payload) -> SuffStats:
-    family, key, center = payload
+def _random_resp_stats(block: np.ndarray, offset: int, payload) -> list[SuffStats]:
+    """Statistics of uniform random responsibilities, for every key."""
+    family, keys, center = payload
     K = len(center)
-    # A counter-based generator positioned at this chunk's first row makes
-    # the numbers a function of the row, whatever the chunking.
-    start = offset * K
-    bitgen = np.random.Philox(key=key)
-    bitgen.advance(start // 4)  # Philox makes 4 64-bit words per counter step
-    gen = np.random.Generator(bitgen)
-    gen.random(start % 4)
-    resp = gen.random((len(block), K))
-    resp /= resp.sum(axis=1, keepdims=True)
-    return family.stats_from_resp(block, resp, center)
+    out = []
+    for key in keys:
+        # A counter-based generator positioned at this chunk's first row makes
+        # the numbers a function of the row, whatever the chunking.
+        start = offset * K
+        bitgen = np.random.Philox(key=key)
+        bitgen.advance(start // 4)  # Philox makes 4 64-bit words per counter step
+        gen = np.random.Generator(bitgen)
+        gen.random(start % 4)
+        resp = gen.random((len(block), K))
+        resp /= resp.sum(axis=1, keepdims=True)
+        out.append(family.stats_from_resp(block, resp, center))
+    return out
 
 
 def initial_params(
@@ -82,31 +86,38 @@ def initial_params(
     n_components: int,
     method: str,
     rng: np.random.RandomState,
+    n_runs: int = 1,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
-):
-    """Initial parameters by ``method``, one of :data:`INIT_METHODS`."""
+) -> list:
+    """Initial parameters of ``n_runs`` runs by ``method`` (one of :data:`INIT_METHODS`).
+
+    The runs share the data passes: at most one to draw the sample and one
+    for the initial statistics, whatever ``n_runs``. ``rng`` is consumed run
+    after run as scikit-learn does, so that with the whole data as the sample
+    the runs are scikit-learn's.
+    """
     n = passes.data.n_samples
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
         sample = draw_sample(passes, sample_size, rng)
-        centers = KMeans(n_clusters=n_components, n_init=1, random_state=rng).fit(sample).cluster_centers_
-        stats = passes.run(_hard_assign_stats, (family, centers), _add)
-        return family.init_params(stats, centers, n)
+        centers = [KMeans(n_clusters=n_components, n_init=1, random_state=rng).fit(sample).cluster_centers_ for _ in range(n_runs)]
+        stats = passes.run(_hard_assign_stats, (family, centers), add_elementwise)
+        return [family.init_params(st, c, n) for st, c in zip(stats, centers)]
     if method == "random":
-        key = rng.randint(np.iinfo(np.int64).max, dtype=np.int64)
+        keys = [int(rng.randint(np.iinfo(np.int64).max, dtype=np.int64)) for _ in range(n_runs)]
         sample = draw_sample(passes, min(sample_size, 1000), rng)
         center = np.repeat(sample.mean(axis=0, keepdims=True), n_components, axis=0)
-        stats = passes.run(_random_resp_stats, (family, int(key), center), _add)
-        return family.init_params(stats, center, n)
+        stats = passes.run(_random_resp_stats, (family, keys, center), add_elementwise)
+        return [family.init_params(st, center, n) for st in stats]
     if method == "k-means++":
         from sklearn.cluster import kmeans_plusplus
 
         sample = draw_sample(passes, sample_size, rng)
-        _, index = kmeans_plusplus(sample, n_components, random_state=rng)
-        points = sample[index]
+        points = [sample[kmeans_plusplus(sample, n_components, random_state=rng)[1]] for _ in range(n_runs)]
     else:  # random_from_data
-        points = _gather_rows(passes, rng.choice(n, size=n_components, replace=False))
+        index = np.concatenate([rng.choice(n, size=n_components, replace=False) for _ in range(n_runs)])
+        points = np.split(_gather_rows(passes, index), n_runs)
     # One row per component, centred at itself: counts 1, zero scatter.
-    stats = family.stats_from_resp(points, np.eye(n_components), points)
-    return family.init_params(stats, points, n)
+    eye = np.eye(n_components)
+    return [family.init_params(family.stats_from_resp(p, eye, p), p, n) for p in points]

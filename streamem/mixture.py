@@ -194,8 +194,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         elif self.warm_start and hasattr(self, "converged_"):
             runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
         else:
-            rng = check_random_state(self.random_state)
-            runs = [EMRun(self._initial_params(passes, family, rng)) for _ in range(self.n_init)]
+            runs = [EMRun(params) for params in self._initial_runs(passes, family, check_random_state(self.random_state))]
 
         def save_state(iteration: int, runs: list[EMRun]) -> None:
             save_checkpoint(checkpoint, runs, iteration, self.covariance_type, settings, fingerprint)
@@ -380,20 +379,23 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         passes = DataPasses(data, "threads" if data.kind == "numpy" else resolve_scheduler(self.client))
         return float(passes.run(_block_loglik_sum, (self._family(), self._params()), _add_floats))
 
-    def _initial_params(self, passes: DataPasses, family: GaussianFamily, rng: np.random.RandomState) -> GaussianParams:
+    def _initial_runs(self, passes: DataPasses, family: GaussianFamily, rng: np.random.RandomState) -> list[GaussianParams]:
+        """Initial parameters of the ``n_init`` runs, user-given parts included."""
         user = (self.weights_init, self.means_init, self.precisions_init)
         if all(v is not None for v in user):
             prec_chol = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, dtype=np.float64))
             covariances = family.covariances_from_precision_cholesky(prec_chol)
-            return GaussianParams(np.asarray(self.weights_init, float), np.asarray(self.means_init, float), covariances, prec_chol)
-        params = initial_params(passes, family, self.n_components, self.init_params, rng, self.init_sample_size)
-        if self.weights_init is not None:
-            params.weights = np.asarray(self.weights_init, dtype=np.float64)
-        if self.means_init is not None:
-            params.means = np.asarray(self.means_init, dtype=np.float64)
-        if self.precisions_init is not None:
-            params.precisions_cholesky = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, float))
-        return params
+            weights, means = np.asarray(self.weights_init, float), np.asarray(self.means_init, float)
+            return [GaussianParams(weights, means, covariances, prec_chol) for _ in range(self.n_init)]
+        runs = initial_params(passes, family, self.n_components, self.init_params, rng, self.n_init, self.init_sample_size)
+        for params in runs:
+            if self.weights_init is not None:
+                params.weights = np.asarray(self.weights_init, dtype=np.float64)
+            if self.means_init is not None:
+                params.means = np.asarray(self.means_init, dtype=np.float64)
+            if self.precisions_init is not None:
+                params.precisions_cholesky = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, float))
+        return runs
 
     @contextmanager
     def _logging(self) -> Iterator[None]:
