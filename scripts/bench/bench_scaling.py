@@ -1,0 +1,96 @@
+"""Memory against data size, speed-up from 1 to 2 workers, and tasks per pass.
+
+1. Memory flat in N: fit Zarr stores of --sizes rows x 16 float64, streaming
+   (persist="never"), on a 2-worker LocalCluster; peak resident memory of
+   all processes (client, scheduler, workers) during the fit.
+2. Speed-up: seconds per iteration at the first size with 1 and 2 workers.
+3. Tasks per pass for n_init = 1 and 4 at the first size, and at 2x chunks.
+
+Usage:
+    python scripts/bench/bench_scaling.py [--sizes 2000000 16000000] [--dir data/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+from datetime import date
+
+import numpy as np
+from distributed import Client
+from sklearn.exceptions import ConvergenceWarning
+
+import streamem
+from streamem.cluster import local_cluster
+from streamem.generate import generate, mixture_parameters
+from streamem.monitor import PeakMemory
+
+D, K = 16, 8
+
+
+def store(directory: str, n: int, chunk_rows: int = 65_536) -> str:
+    path = os.path.join(directory, f"scaling-{n}-{chunk_rows}.zarr")
+    if not os.path.exists(path):
+        generate(path, n, D, K, chunk_rows=chunk_rows, seed=2)
+    return path
+
+
+def fixed_init() -> dict:
+    truth = mixture_parameters(K, D, 2)
+    return dict(weights_init=np.full(K, 1 / K), means_init=truth["means"] + 0.5, precisions_init=np.repeat(np.eye(D)[None], K, 0))
+
+
+def timed_fit(path: str, workers: int, iters: int, **kw) -> tuple[float, int, streamem.GaussianMixture]:
+    with local_cluster(n_workers=workers, threads_per_worker=1) as cluster, Client(cluster):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            streamem.GaussianMixture(K, max_iter=1, tol=0, persist="never", **fixed_init(), **kw).fit(path)  # warm-up
+            with PeakMemory() as mem:
+                tic = time.perf_counter()
+                model = streamem.GaussianMixture(K, max_iter=iters, tol=0, persist="never", **fixed_init(), **kw).fit(path)
+                seconds = time.perf_counter() - tic
+    return seconds / iters, mem.peak, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 16_000_000])
+    parser.add_argument("--dir", default="data/bench")
+    parser.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    print(f"# {date.today()} on {platform.node()} ({os.cpu_count()} CPUs); D={D}, K={K}, full, float64, Zarr chunks of 65,536 rows")
+
+    print("\n## memory against N (2 workers, streaming: persist='never')")
+    peaks = {}
+    for n in args.sizes:
+        path = store(args.dir, n)
+        sec, peak, _ = timed_fit(path, 2, args.iters)
+        peaks[n] = peak
+        print(f"N={n:>11,} data {n * D * 8 / 2**30:5.2f} GiB  peak RSS all processes {peak / 2**30:5.2f} GiB  {sec:6.2f} s/iteration")
+    if len(peaks) > 1:
+        lo, hi = min(peaks), max(peaks)
+        print(f"peak at N={hi:,} / peak at N={lo:,}: {peaks[hi] / peaks[lo]:.2f}")
+
+    print("\n## speed-up from 1 to 2 workers (1 thread each)")
+    path = store(args.dir, args.sizes[0])
+    one, _, _ = timed_fit(path, 1, args.iters)
+    two, _, _ = timed_fit(path, 2, args.iters)
+    print(f"1 worker {one:.3f} s/iteration, 2 workers {two:.3f} s/iteration, speed-up {one / two:.2f}x")
+
+    print("\n## tasks per pass")
+    for n_init in (1, 4):
+        for chunk_rows in (65_536, 32_768):
+            p = store(args.dir, args.sizes[0], chunk_rows)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                m = streamem.GaussianMixture(K, n_init=n_init, max_iter=1, random_state=0, init_sample_size=20_000).fit(p)
+            chunks = len(m.fit_data_["row_chunks"])
+            print(f"n_init={n_init} chunks={chunks:4d}: {m.tasks_per_pass_} tasks per pass, {m.n_data_passes_} passes in all")
+
+
+if __name__ == "__main__":
+    main()
