@@ -52,6 +52,7 @@ FIT_OPTIONS = (
     Option("verbose_interval", int, "log every this many iterations (default 1 on the command line)"),
     Option("init_sample_size", int, "rows k-means sees at most (default 100000)"),
     Option("persist", str, "keep data in worker memory across iterations (default auto)", ("auto", "always", "never")),
+    Option("device", str, "where the E-step runs (default cpu; cuda needs CuPy)", ("cpu", "cuda")),
     Option("dtype", str, "precision of the E-step arithmetic (default float64)", ("float64", "float32")),
     Option("variable", str, "variable of a Zarr group / xarray Dataset holding the data", estimator=False),
     Option("sample_dim", str, "sample dimension of an xarray store (default: the first)", estimator=False),

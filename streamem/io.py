@@ -32,7 +32,7 @@ _PARAM_DIMS = {
 #: Estimator parameters that are stored (arrays and clients are not).
 _STORED_PARAMS = (
     "n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
-    "random_state", "warm_start", "verbose", "verbose_interval", "init_sample_size", "dtype", "persist",
+    "random_state", "warm_start", "verbose", "verbose_interval", "init_sample_size", "dtype", "persist", "device",
 )  # fmt: skip
 
 

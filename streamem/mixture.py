@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
+from streamem.backend import array_module, check_device, to_device, to_numpy
 from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint, save_checkpoint
 from streamem.cluster import PERSIST_MODES, resolve_scheduler, should_persist
 from streamem.data import InputData, check_n_samples, load_data
@@ -74,6 +75,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         re-reading every chunk in every pass. ``"auto"`` does so when the
         data take at most half the workers' memory (on the local scheduler:
         a quarter of the available memory, and never for numpy input).
+    device : {"cpu", "cuda"}, default="cpu"
+        ``"cuda"`` moves every chunk to the GPU (CuPy, extra ``gpu``) as it
+        is read and runs the E-step there; dask arrays of CuPy chunks run
+        on the GPU whatever this says. Statistics and the M-step stay on the
+        host (they are tiny).
 
     Attributes
     ----------
@@ -119,6 +125,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         init_sample_size: int = DEFAULT_SAMPLE_SIZE,
         dtype: str = "float64",
         persist: str = "auto",
+        device: str = "cpu",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -138,6 +145,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.init_sample_size = init_sample_size
         self.dtype = dtype
         self.persist = persist
+        self.device = device
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -339,7 +347,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # -------------------------------------------------------------- helpers
     def _family(self) -> GaussianFamily:
-        return GaussianFamily(self.covariance_type, float(self.reg_covar), self.dtype)
+        return GaussianFamily(self.covariance_type, float(self.reg_covar), self.dtype, self.device)
 
     def _params(self) -> GaussianParams:
         return GaussianParams(self.weights_, self.means_, self.covariances_, self.precisions_cholesky_)
@@ -431,6 +439,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
         if self.persist not in PERSIST_MODES:
             raise ValueError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
+        check_device(self.device)
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.init_params not in INIT_METHODS:
@@ -478,28 +487,32 @@ def _as_shape(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # Per-chunk functions for predictions: module level so that workers can unpickle them.
-def _checked(block: np.ndarray) -> np.ndarray:
-    X = np.asarray(block, dtype=np.float64)
-    if not np.isfinite(X).all():
-        raise ValueError(f"X contains {int((~np.isfinite(X)).sum())} non-finite values (NaN or inf)")
-    return X
+def _per_row(block: Any, family: GaussianFamily, compute: Any) -> Any:
+    """``compute(X)`` on the family's device; host results for host chunks."""
+    X = to_device(block, family.device)
+    xp = array_module(X)
+    X = xp.asarray(X, dtype=np.float64)
+    if not bool(xp.isfinite(X).all()):
+        raise ValueError(f"X contains {int((~xp.isfinite(X)).sum())} non-finite values (NaN or inf)")
+    out = compute(X)
+    return to_numpy(out) if array_module(block) is np else out
 
 
-def _block_proba(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
-    return family.e_step(_checked(block), params)[1]
+def _block_proba(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
+    return _per_row(block, family, lambda X: family.e_step(X, params)[1].astype(np.float64))
 
 
-def _block_labels(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
-    return family.log_prob(_checked(block), params).argmax(axis=1)
+def _block_labels(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
+    return _per_row(block, family, lambda X: family.log_prob(X, params).argmax(axis=1))
 
 
-def _block_loglik(block: np.ndarray, family: GaussianFamily, params: GaussianParams) -> np.ndarray:
-    return family.e_step(_checked(block), params)[0]
+def _block_loglik(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
+    return _per_row(block, family, lambda X: family.e_step(X, params)[0])
 
 
-def _block_loglik_sum(block: np.ndarray, offset: int, payload: tuple[GaussianFamily, GaussianParams]) -> float:
+def _block_loglik_sum(block: Any, offset: int, payload: tuple[GaussianFamily, GaussianParams]) -> float:
     family, params = payload
-    return float(family.e_step(np.asarray(block, dtype=np.float64), params)[0].sum())
+    return float(_per_row(block, family, lambda X: family.e_step(X, params)[0].sum()))
 
 
 def _add_floats(a: float, b: float) -> float:

@@ -91,14 +91,15 @@ def fit_quietly(model, X, **fit_kwargs):
 def assert_same_fit(ours, ref, rtol: float, *, check_n_iter: bool = True) -> None:
     """Fitted parameters and lower bounds agree to ``rtol`` (relative, elementwise).
 
-    A tiny absolute floor (``rtol`` times 1e-6 of the largest entry) only
-    matters for entries that are zero or nearly so.
+    Entries below 1% of the array's largest entry (e.g. a mean near 0) are
+    compared with an absolute tolerance of ``rtol`` times 1% of that largest
+    entry: their relative rounding error is naturally larger.
     """
     for name in FITTED_ATTRS:
         a = np.asarray(getattr(ours, name))
         b = np.asarray(getattr(ref, name))
         assert a.shape == b.shape, f"{name}: shape {a.shape} != {b.shape}"
-        atol = rtol * 1e-6 * float(np.max(np.abs(b)))
+        atol = rtol * 1e-2 * float(np.max(np.abs(b)))
         assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
     assert_allclose(ours.lower_bound_, ref.lower_bound_, rtol=rtol, atol=0, err_msg="lower_bound_")
     assert len(ours.lower_bounds_) == len(ref.lower_bounds_)

@@ -63,7 +63,7 @@ def test_parity_irregular_dask_chunks(X, X_irregular, covariance_type, inits):
     assert_same_fit(ours, ref, RTOL)
 
 
-def test_convergence_warning_like_sklearn(X, inits):
+def test_convergence_warning_like_sklearn(X):
     """tol=0 never converges: both libraries warn, and a loose tol stops at the same iteration."""
     model = streamem.GaussianMixture(n_components=3, covariance_type="full", tol=0, max_iter=3, **make_inits("full"))
     with pytest.warns(ConvergenceWarning):

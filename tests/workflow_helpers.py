@@ -60,12 +60,16 @@ def inits(covariance_type: str) -> dict:
     }
 
 
-def mixture_sample(n: int, seed: int, n_features: int = 3) -> np.ndarray:
-    """``n`` rows drawn from the fixed mixture above (first ``n_features`` coordinates)."""
+def mixture_sample(n: int, seed: int, n_features: int = 3, spread: float = 1.0) -> np.ndarray:
+    """``n`` rows drawn from the fixed mixture above (first ``n_features`` coordinates).
+
+    ``spread`` scales the distances between the means: at 0.25 the components
+    overlap and EM keeps changing the parameters for many iterations.
+    """
     rng = np.random.RandomState(seed)
     labels = rng.choice(len(MIX_WEIGHTS), size=n, p=MIX_WEIGHTS)
     z = rng.standard_normal((n, 3))
-    X = MIX_MEANS[labels] + np.einsum("nij,nj->ni", MIX_CHOL[labels], z)
+    X = spread * MIX_MEANS[labels] + np.einsum("nij,nj->ni", MIX_CHOL[labels], z)
     return np.ascontiguousarray(X[:, :n_features])
 
 

@@ -1,0 +1,53 @@
+"""Arrays on the CPU (numpy) or on an NVIDIA GPU (CuPy), behind one namespace.
+
+The per-row arithmetic of the families is written against ``xp``, the
+array module of the chunk: numpy for numpy chunks, CuPy for CuPy chunks.
+Parameters and statistics are small and always live on the host as numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+
+
+def array_module(x: Any) -> Any:
+    """``cupy`` for a CuPy array, else ``numpy``."""
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host copy of ``x`` (no copy for numpy input)."""
+    return x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)
+
+
+def to_device(x: Any, device: str) -> Any:
+    """Move a chunk to ``device`` ("cpu" leaves it where it is)."""
+    if device == "cuda":
+        try:
+            import cupy
+        except ImportError:
+            raise ValueError("device='cuda' needs CuPy: pip install 'streamem[gpu]'") from None
+        return cupy.asarray(x)
+    return x
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        try:
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+        except ImportError:
+            raise ValueError("device='cuda' needs CuPy: pip install 'streamem[gpu]'") from None
+        except Exception as exc:  # CuPy installed but no usable GPU
+            raise ValueError(f"device='cuda' but no CUDA device is usable: {exc}") from None
