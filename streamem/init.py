@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamem.backend import to_numpy
 from streamem.em import DataPasses, add_elementwise
 from streamem.stats import SuffStats
 
@@ -24,10 +25,11 @@ def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rows_at(block: np.ndarray, offset: int, index: np.ndarray | None) -> np.ndarray:
+    """The rows of ``block`` whose global indices are in ``index`` (all if None), on the host."""
     if index is None:
-        return np.asarray(block, dtype=np.float64)
+        return to_numpy(block).astype(np.float64, copy=False)
     lo, hi = np.searchsorted(index, [offset, offset + len(block)])
-    return np.asarray(block[index[lo:hi] - offset], dtype=np.float64)
+    return to_numpy(block[index[lo:hi] - offset]).astype(np.float64, copy=False)
 
 
 def draw_sample(passes: DataPasses, size: int, rng: np.random.RandomState) -> np.ndarray:
@@ -51,7 +53,7 @@ def _gather_rows(passes: DataPasses, index: np.ndarray) -> np.ndarray:
 def _hard_assign_stats(block: np.ndarray, offset: int, payload) -> list[SuffStats]:
     """Statistics of nearest-centre (k-means) labels, for every set of centres."""
     family, centers_list = payload
-    X = np.asarray(block, dtype=np.float64)
+    X = to_numpy(block).astype(np.float64, copy=False)
     out = []
     for centers in centers_list:
         d2 = (X**2).sum(axis=1)[:, None] - 2.0 * X @ centers.T + (centers**2).sum(axis=1)
