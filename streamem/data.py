@@ -10,6 +10,7 @@ with ``variable=``. Nothing here reads the data: checks that need the values
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +160,9 @@ def _open_path(path: str, variable: str | None) -> tuple[Any, dict[str, Any]]:
     meta["variable"] = variable
     try:
         # An xarray-written group carries coordinates we want to keep.
-        ds = xr.open_zarr(path, chunks={}, consolidated=None, zarr_format=node.metadata.zarr_format)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": fine here
+            ds = xr.open_zarr(path, chunks={}, consolidated=None, zarr_format=node.metadata.zarr_format)
         if variable in ds.data_vars:
             return ds, meta
     except Exception:

@@ -41,7 +41,9 @@ class BlockResult:
 
 
 def _run_block(fn: BlockFn, block: np.ndarray, payload: Any, offset: int, check_block: bool) -> BlockResult:
-    value = fn(block, offset, payload)
+    # Non-finite data make the arithmetic warn; they are reported below instead.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        value = fn(block, offset, payload)
     if not check_block and _all_finite(value):
         return BlockResult(value)
     bad = ~np.isfinite(block)
