@@ -40,6 +40,9 @@ def params_dataset(params: Any, covariance_type: str, feature_coord: np.ndarray 
     """Mixture parameters (weights, means, covariances, precisions_cholesky) as a Dataset."""
     K, d = params.means.shape
     features = np.arange(d) if feature_coord is None else np.asarray(feature_coord)
+    if features.dtype.kind == "U":
+        # Zarr v3 specifies variable-length strings, not fixed-width ones.
+        features = features.astype(object)
     cov_dims = _PARAM_DIMS[covariance_type]
     return xr.Dataset(
         {
