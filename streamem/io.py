@@ -9,6 +9,7 @@ store or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -94,13 +95,25 @@ def _fsync_tree(root: str) -> None:
                 os.close(fd)
 
 
-def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool) -> None:
-    """Write ``ds`` to a Zarr v3 store at ``path``, atomically."""
+def _checksums(ds: xr.Dataset) -> dict[str, str]:
+    return {name: hashlib.sha256(np.ascontiguousarray(ds[name].values).tobytes()).hexdigest()[:32] for name in sorted(ds.data_vars)}
+
+
+def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool, checksum: bool = True) -> None:
+    """Write ``ds`` to a Zarr v3 store at ``path``, atomically.
+
+    With ``checksum`` (for small, in-memory datasets: models, checkpoints,
+    statistics) a hash of every variable goes into the attributes so that
+    :func:`open_dataset` notices missing or altered chunks, which Zarr would
+    otherwise read back as fill values.
+    """
+    if checksum:
+        ds = ds.assign_attrs(checksums=json.dumps(_checksums(ds)))
     atomic_write(path, lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False), overwrite=overwrite)
 
 
 def open_dataset(path: str | os.PathLike, what: str = FORMAT_NAME) -> xr.Dataset:
-    """Open a store written by streamem, checking its format name and version."""
+    """Open a store written by streamem, checking format name, version and checksums."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
@@ -118,9 +131,16 @@ def open_dataset(path: str | os.PathLike, what: str = FORMAT_NAME) -> xr.Dataset
             "cannot read it: upgrade streamem"
         )
     try:
-        return ds.load()
+        ds = ds.load()
     except Exception as exc:
         raise ValueError(f"{path!r} is truncated or corrupt: {exc}") from None
+    if "checksums" in ds.attrs:
+        expected = json.loads(ds.attrs["checksums"])
+        actual = _checksums(ds)
+        bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        if bad:
+            raise ValueError(f"{path!r} is truncated or corrupt: variables {bad} do not match their checksums")
+    return ds
 
 
 def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> None:

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -353,8 +354,6 @@ def _executable(path, text: str) -> None:
 
 
 def test_nightly_refit_script_twice(tmp_path):
-    import subprocess
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
