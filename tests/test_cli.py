@@ -221,7 +221,7 @@ def test_predict_xarray_dataset_keeps_the_time_coordinate(X, model_path, tmp_pat
     # Stored (band, time): the sample dimension is not the first one, so --sample-dim matters.
     ds_in = xr.Dataset(
         {"obs": (("band", "time"), X.T.copy()), "other": (("time",), np.zeros(N_ROWS))},
-        coords={"time": times, "band": ["r", "g", "b"], "station": (("time",), station)},
+        coords={"time": times, "station": (("time",), station)},
     ).chunk({"time": 900})
     data = tmp_path / "obs.zarr"
     ds_in.to_zarr(data, zarr_format=3, consolidated=False)
