@@ -195,8 +195,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     old = None
     if settings.get("init_from"):
         old = streamem.load(settings["init_from"])
-        kwargs.setdefault("n_components", old.n_components)
-        kwargs.setdefault("covariance_type", old.covariance_type)
+        for name in ("n_components", "covariance_type", "reg_covar", "tol", "dtype"):
+            kwargs.setdefault(name, getattr(old, name))
         if (kwargs["n_components"], kwargs["covariance_type"]) != (old.n_components, old.covariance_type):
             raise UsageError("--init-from: the old model has other n_components or covariance_type than asked for")
         kwargs.update(weights_init=old.weights_, means_init=old.means_, precisions_init=old.precisions_)
@@ -405,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    import streamem
+    from importlib.metadata import version
 
-    return streamem.__version__
+    return version("streamem")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

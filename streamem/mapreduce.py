@@ -103,9 +103,14 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
     for (a, pa), (b, pb) in zip(ranges, ranges[1:]):
         if b[0] < a[1]:
             raise ValueError(f"row ranges overlap: {pa!r} has rows {a[0]}:{a[1]}, {pb!r} has {b[0]}:{b[1]}")
-    covered = sum(r[1] - r[0] for r, _ in ranges)
-    if len(totals) != 1 or covered != totals.pop():
-        raise ValueError(f"the shards cover {covered} rows, not all rows of the data; missing shards?")
+    if len(totals) != 1:
+        raise ValueError(f"the shards come from data of different sizes: {sorted(totals)} rows")
+    total_rows = totals.pop()
+    ends = [0] + [r[1] for r, _ in ranges]
+    starts = [r[0] for r, _ in ranges] + [total_rows]
+    gaps = [f"{a}:{b}" for a, b in zip(ends, starts) if b > a]
+    if gaps:
+        raise ValueError(f"rows {', '.join(gaps)} of {total_rows} are missing: no shard holds them")
     total = sum_in_order(parts)
     new = model.__class__(**model.get_params())
     for name, value in vars(model).items():

@@ -187,21 +187,23 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         data = self._load(X, variable, sample_dim, reset=True)
         check_n_samples(data, self.n_components)
         self._check_initial_parameters(data.n_features)
-        family = self._family()
-        scheduler = resolve_scheduler(self.client)
-        persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
-        passes = DataPasses(data, scheduler, progress=progress, persist=persist)
         if resume and checkpoint is None:
             raise ValueError("resume=True needs checkpoint= naming the checkpoint directory")
-        settings, fingerprint = fit_settings(self), data_fingerprint(data)
-
+        family = self._family()
+        scheduler = resolve_scheduler(self.client)
+        if checkpoint is not None:
+            settings, fingerprint = fit_settings(self), data_fingerprint(data, scheduler)
+        runs = None
         start_iter = 0
         if resume and checkpoint_exists(checkpoint):
+            # Refuse a wrong checkpoint before any work starts on the cluster.
             saved, start_iter = load_checkpoint(checkpoint, settings, fingerprint)
             runs = [EMRun(GaussianParams(*(a[v] for v in _PARAM_NAMES)), lb, lbs, n_iter, conv) for a, lb, lbs, n_iter, conv in saved]
-        elif self.warm_start and hasattr(self, "converged_"):
+        persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
+        passes = DataPasses(data, scheduler, progress=progress, persist=persist)
+        if runs is None and self.warm_start and hasattr(self, "converged_"):
             runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
-        else:
+        elif runs is None:
             runs = [EMRun(params) for params in self._initial_runs(passes, family, check_random_state(self.random_state))]
 
         def save_state(iteration: int, runs: list[EMRun]) -> None:
