@@ -210,16 +210,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             save_checkpoint(checkpoint, runs, iteration, self.covariance_type, settings, fingerprint)
 
         with self._logging():
-            batch_em(
-                passes,
-                family,
-                runs,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                start_iter=start_iter,
-                callback=save_state if checkpoint is not None else None,
-                log_every=self.verbose_interval,
-            )
+            try:
+                batch_em(
+                    passes,
+                    family,
+                    runs,
+                    tol=self.tol,
+                    max_iter=self.max_iter,
+                    start_iter=start_iter,
+                    callback=save_state if checkpoint is not None else None,
+                    log_every=self.verbose_interval,
+                )
+            finally:
+                passes.close()
 
         # scikit-learn keeps the first run with the highest final lower bound.
         best = max(range(len(runs)), key=lambda i: (runs[i].lower_bound, -i))
