@@ -39,8 +39,6 @@ class InputData:
         Coordinates of the sample dimension (xarray input only).
     feature_coord : numpy.ndarray or None
         Values of the feature coordinate, when the input had one.
-    feature_names : numpy.ndarray or None
-        Column names of a pandas DataFrame input.
     source : str
         A short description of where the data came from (for provenance).
     store_meta : dict
@@ -53,7 +51,6 @@ class InputData:
     feature_dim: str | None = None
     coords: dict[str, Any] = field(default_factory=dict)
     feature_coord: np.ndarray | None = None
-    feature_names: np.ndarray | None = None
     source: str = "array"
     store_meta: dict[str, Any] = field(default_factory=dict)
 
@@ -204,10 +201,6 @@ def _from_dataarray(X: xr.DataArray, sample_dim: str | None, chunk_rows: int | N
 def _from_memory(X: Any, chunk_rows: int | None) -> InputData:
     if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("X is a sparse matrix; streamem needs dense data (call X.toarray() if it fits in memory)")
-    feature_names = None
-    columns = getattr(X, "columns", None)
-    if columns is not None and all(isinstance(c, str) for c in columns):
-        feature_names = np.asarray(columns, dtype=object)
     arr = np.asarray(X)
     if arr.dtype == object:
         try:
@@ -216,7 +209,7 @@ def _from_memory(X: Any, chunk_rows: int | None) -> InputData:
             raise TypeError(f"X has dtype object with values that are not numbers: {exc}") from None
     _check_shape_dtype(arr.shape, arr.dtype)
     rows = chunk_rows or DEFAULT_CHUNK_ROWS
-    return InputData(da.from_array(arr, chunks=(rows, -1)), kind="numpy", feature_names=feature_names)
+    return InputData(da.from_array(arr, chunks=(rows, -1)), kind="numpy")
 
 
 def _check_shape_dtype(shape: tuple[int, ...], dtype: Any) -> None:

@@ -109,10 +109,6 @@ class DataPasses:
         self.array = self.data.array
         self.blocks = []
 
-    @property
-    def n_chunks(self) -> int:
-        return len(self.blocks)
-
     def run(self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False) -> Any:
         """``combine``-reduce ``fn(chunk, offset, payload)`` over all chunks, in chunk order.
 

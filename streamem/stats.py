@@ -2,9 +2,8 @@
 
 Every model's E-step over a block of rows produces a :class:`SuffStats`; the
 statistics of a union of blocks are the sum of the blocks' statistics. Batch
-EM sums them over all chunks, stepwise EM takes weighted averages, and
-map-reduce jobs write them to disk and add them later: all with ``+`` and
-``scale``.
+EM sums them over all chunks and map-reduce jobs write them to disk and add
+them later; stepwise and incremental EM will combine them the same way.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ class SuffStats:
 
     arrays: dict[str, np.ndarray]
 
-    @classmethod
-    def zeros_like(cls, other: "SuffStats") -> "SuffStats":
-        return cls({k: np.zeros_like(v) for k, v in other.arrays.items()})
-
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
@@ -38,9 +33,6 @@ class SuffStats:
         if self.arrays.keys() != other.arrays.keys():
             raise ValueError(f"cannot add statistics with fields {sorted(self.arrays)} and {sorted(other.arrays)}")
         return SuffStats({k: v + other.arrays[k] for k, v in self.arrays.items()})
-
-    def scale(self, factor: float) -> "SuffStats":
-        return SuffStats({k: v * factor for k, v in self.arrays.items()})
 
     @property
     def n(self) -> float:
