@@ -68,8 +68,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     init_sample_size : int, default=100000
         Rows k-means sees at most.
     dtype : {"float64", "float32"}, default="float64"
-        Precision of the E-step arithmetic. Statistics are accumulated in
-        float64 either way, centred at the component means.
+        Precision of the E-step arithmetic of full and tied models (diag
+        and spherical models always compute in float64, which measured
+        faster there). Statistics are accumulated in float64 either way,
+        centred at the component means.
     persist : {"auto", "always", "never"}, default="auto"
         Keep the data in the workers' memory across iterations instead of
         re-reading every chunk in every pass. ``"auto"`` does so when the
