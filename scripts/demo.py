@@ -64,7 +64,7 @@ def main() -> None:
     print("weights:", gm.weights_)
     print("means (first 4 features):")
     print(gm.means_[:, :4])
-    print(f"wall time: {wall:.1f} s ({wall / max(gm.n_iter_, 1):.2f} s per iteration)")
+    print(f"wall time: {wall:.1f} s for {gm.n_data_passes_} passes over the data ({wall / gm.n_data_passes_:.2f} s per pass)")
     print(f"memory of client + scheduler + 2 workers: {baseline / 2**20:,.0f} MiB idle, {mem.peak / 2**20:,.0f} MiB at the peak "
           f"of the fit: the fit added {(mem.peak - baseline) / 2**20:,.0f} MiB for {nbytes / 2**20:,.0f} MiB of data")
 
