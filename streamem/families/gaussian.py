@@ -109,7 +109,11 @@ class GaussianFamily:
         for start in range(0, len(X), step):
             xs64, xs = self._shifted(X[start : start + step], shift, scratch)
             loglik, resp_t = _normalise(self._log_prob_shifted(xs, params, shift, scratch))
-            part = self._stats_shifted(xs64, xs, resp_t, center, float(loglik.sum(dtype=np.float64)), scratch)
+            whitened = None
+            if self.covariance_type in ("full", "tied"):
+                # The E-step left y[k] = ((x - mean_k) U_k)^T in the scratch buffer.
+                whitened = scratch.get("y", (len(center), xs.shape[1], xs.shape[0]), xs.dtype), params.precisions_cholesky
+            part = self._stats_shifted(xs64, xs, resp_t, center, float(loglik.sum(dtype=np.float64)), scratch, whitened)
             total = part if total is None else total + part
         return total
 
@@ -187,9 +191,25 @@ class GaussianFamily:
         sq += const[:, None]
         return sq
 
-    def _stats_shifted(self, xs64: Any, xs: Any, resp_t: Any, center: np.ndarray, loglik: float, scratch: "_Scratch") -> SuffStats:
+    def _stats_shifted(
+        self,
+        xs64: Any,
+        xs: Any,
+        resp_t: Any,
+        center: np.ndarray,
+        loglik: float,
+        scratch: "_Scratch",
+        whitened: tuple[Any, np.ndarray] | None = None,
+    ) -> SuffStats:
         """Statistics of shifted rows with responsibilities ``resp_t`` (K, n), centred at ``center``
-        (given relative to the same shift)."""
+        (given relative to the same shift).
+
+        For full/tied models after an E-step, ``whitened`` = (y, U) with
+        ``y[k] = ((x - center_k) U_k)^T`` (K, d, n): the scatter is then
+        ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T`` with ``L_k = U_k^{-T}``, the
+        Cholesky factor of the covariance — one scaled SYRK per component on
+        data the E-step already centred, instead of centring again.
+        """
         xp = scratch.xp
         n, d = xs64.shape
         K = center.shape[0]
@@ -197,7 +217,21 @@ class GaussianFamily:
         resp64 = resp_t.astype(np.float64, copy=False)
         nk = resp64.sum(axis=1)
         s1 = resp64 @ xs64 - nk[:, None] * c
-        if self.covariance_type in ("full", "tied"):
+        if self.covariance_type in ("full", "tied") and whitened is not None:
+            y, prec_chol = whitened
+            root = scratch.get("root", (K, n), y.dtype)
+            xp.sqrt(resp_t, out=root)
+            z = scratch.get("z_k", (d, n), y.dtype)
+            m = xp.empty((K, d, d), dtype=y.dtype)
+            for k in range(K):
+                xp.multiply(y[k], root[k], out=z)
+                m[k] = z @ z.T  # symmetric product: BLAS SYRK
+            u = prec_chol if self.covariance_type == "full" else np.broadcast_to(prec_chol, (K, d, d))
+            chol = np.linalg.inv(u).transpose(0, 2, 1)
+            s2 = chol @ to_numpy(m).astype(np.float64) @ chol.transpose(0, 2, 1)
+            if self.covariance_type == "tied":
+                s2 = s2.sum(axis=0)
+        elif self.covariance_type in ("full", "tied"):
             dt = xs.dtype
             c_dt, resp_dt = c.astype(dt), resp_t.astype(dt, copy=False)
             xk, wk = scratch.get("xk", (n, d), dt), scratch.get("wk", (n, d), dt)
