@@ -245,8 +245,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
-        """Fit, then return the most likely component of every row."""
-        return self.fit(X, **kwargs).predict(X, **kwargs)
+        """Fit (``kwargs`` as for :meth:`fit`), then return the most likely component of every row."""
+        self.fit(X, **kwargs)
+        return self.predict(X, variable=kwargs.get("variable"), sample_dim=kwargs.get("sample_dim"))
 
     # -------------------------------------------------------------- predict
     def predict(self, X: Any, **kwargs: Any) -> Any:

@@ -104,3 +104,19 @@ def test_restarts_share_passes(zarr_path):
     # Sample pass + initial-statistics pass + one pass per iteration, whatever n_init.
     assert one.n_data_passes_ == four.n_data_passes_ == 2 + 15
     assert one.tasks_per_pass_ == four.tasks_per_pass_
+
+
+def test_fit_predict_accepts_fit_only_keywords(tmp_path):
+    X = make_data(n=2000)
+    labels = streamem.GaussianMixture(3, random_state=0).fit_predict(X, checkpoint=tmp_path / "ckpt")
+    reference = SkGaussianMixture(3, random_state=0).fit(X)
+    # Same default k-means init on the whole data: same labels up to numbering.
+    assert labels.shape == (2000,)
+    agreement = max(np.mean(labels == perm[reference.predict(X)]) for perm in _permutations(3))
+    assert agreement > 0.999
+
+
+def _permutations(k):
+    import itertools
+
+    return [np.array(p) for p in itertools.permutations(range(k))]
