@@ -137,7 +137,6 @@ class DataPasses:
             )
         return result.value
 
-
     def _compute(self, root: Any, chunk_tasks: list[Any]) -> BlockResult:
         """One ``compute`` of ``root``; with ``progress``, a bar over the chunk tasks."""
         if not self.progress:
@@ -166,7 +165,6 @@ class DataPasses:
 
             with _Tick(), self._blas_limits():
                 return dask.compute(root, scheduler=self.scheduler, optimize_graph=False)[0]
-
 
     def _blas_limits(self) -> Any:
         """One BLAS thread per task when local threads already run chunks in parallel.

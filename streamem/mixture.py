@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import Any, Iterator
 
-import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -23,7 +22,6 @@ from streamem.data import InputData, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
 from streamem.init import DEFAULT_SAMPLE_SIZE, INIT_METHODS, initial_params
-from streamem.stats import SuffStats
 
 logger = logging.getLogger("streamem")
 _PARAM_NAMES = ("weights", "means", "covariances", "precisions_cholesky")

@@ -18,7 +18,6 @@ import tempfile
 import time
 from datetime import date
 
-import numpy as np
 import psutil
 
 import streamem
