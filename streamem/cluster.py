@@ -31,6 +31,30 @@ def is_client(scheduler: Any) -> bool:
     return hasattr(scheduler, "persist") and hasattr(scheduler, "scheduler_info")
 
 
+def persist_spread(client: Any, blocks: list[Any]) -> tuple[list[Any], list[str]]:
+    """Read ``blocks`` (Delayed chunks, in order) into the workers' memory, in equal shares.
+
+    Each worker gets a contiguous run of chunks, sized by its thread count.
+    Returns one future per block and the address of the worker asked to
+    hold it: passes ask for the same worker (see ``DataPasses``), as a
+    preference that lets another worker read a lost chunk again.
+    """
+    nthreads = client.nthreads()
+    workers = sorted(nthreads)
+    total = sum(nthreads.values())
+    futures: list[Any] = []
+    homes: list[str] = []
+    start = taken = 0
+    for worker in workers:
+        taken += nthreads[worker]
+        end = round(taken * len(blocks) / total)
+        if end > start:
+            futures += client.compute(blocks[start:end], workers=[worker], allow_other_workers=True)
+            homes += [worker] * (end - start)
+        start = end
+    return futures, homes
+
+
 def should_persist(mode: str, nbytes: int, in_memory: bool, scheduler: Any) -> bool:
     """Whether to keep the data in the workers' memory across passes.
 

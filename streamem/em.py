@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import dask
 import numpy as np
 
-from streamem.cluster import is_client
+from streamem.cluster import is_client, persist_spread
 from streamem.data import InputData
 from streamem.stats import SuffStats
 
@@ -95,18 +95,21 @@ class DataPasses:
         self.scheduler = scheduler
         self.progress = progress
         self.offsets = data.row_offsets()
+        # With ``persist`` the data are read once; later passes find the
+        # chunks in (the workers') memory, held by ``self.blocks``.
         array = data.array
-        if persist:
-            # Read once; later passes find the chunks in the workers' memory.
-            array = scheduler.persist(array) if is_client(scheduler) else array.persist(scheduler=scheduler)
-        self.array = array  # holds persisted chunks alive for the passes
+        if persist and not is_client(scheduler):
+            array = array.persist(scheduler=scheduler)
         self.blocks = list(array.to_delayed().ravel())
+        #: The worker each chunk task should run on, where one holds the chunk.
+        self.homes: list[str | None] = [None] * len(self.blocks)
+        if persist and is_client(scheduler):
+            self.blocks, self.homes = persist_spread(scheduler, self.blocks)
         self.n_passes = 0
         self.tasks_per_pass = 0
 
     def close(self) -> None:
         """Let go of persisted chunks (the workers free them)."""
-        self.array = self.data.array
         self.blocks = []
 
     def run(self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False) -> Any:
@@ -118,8 +121,8 @@ class DataPasses:
         """
         payload = dask.delayed(payload, pure=True)
         level = chunk_tasks = [
-            dask.delayed(_run_block, pure=True)(fn, block, payload, int(off), check_block)
-            for block, off in zip(self.blocks, self.offsets)
+            self._chunk_task(fn, block, payload, int(off), check_block, home)
+            for block, off, home in zip(self.blocks, self.offsets, self.homes)
         ]
         while len(level) > 1:
             level = [
@@ -136,6 +139,19 @@ class DataPasses:
                 "remove or impute them before fitting"
             )
         return result.value
+
+    @staticmethod
+    def _chunk_task(fn: BlockFn, block: Any, payload: Any, offset: int, check_block: bool, home: str | None) -> Any:
+        """The task of one chunk, asked to run on the worker holding the chunk.
+
+        Without this, a scheduler on a busy machine moves chunk tasks (and
+        their 8 MB chunks) between workers by timing: measured 0.34-0.52 s
+        per pass with 10/6 splits of 16 chunks instead of 0.27-0.32 s with
+        8/8. The restriction is loose: a free worker may still take the task.
+        """
+        where = dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
+        with where:
+            return dask.delayed(_run_block, pure=True)(fn, block, payload, offset, check_block)
 
     def _compute(self, root: Any, chunk_tasks: list[Any]) -> BlockResult:
         """One ``compute`` of ``root``; with ``progress``, a bar over the chunk tasks."""

@@ -13,6 +13,7 @@ two agree to rounding, with two changes for out-of-core data:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -97,11 +98,14 @@ class GaussianFamily:
         large array is allocated per slice (Dask workers set
         ``MALLOC_TRIM_THRESHOLD_``, which makes every large allocation a
         fresh ``mmap``: 2.7x slower when measured). On a GPU the whole chunk
-        is one slice.
+        is one slice. On the CPU the buffers are kept per thread from one
+        chunk to the next (about 11 MB for d=16, K=8): Dask workers set
+        ``MALLOC_TRIM_THRESHOLD_``, under which fresh buffers cost 10 ms of
+        a 25-60 ms chunk in page faults (measured).
         """
         X = to_device(X, self.device)
         xp = array_module(X)
-        scratch = _Scratch(xp)
+        scratch = _Scratch.of_thread() if xp is np else _Scratch(xp)
         shift = _shift(params)
         center = params.means - shift
         step = SLICE_ROWS if xp is np else max(len(X), 1)
@@ -214,7 +218,10 @@ class GaussianFamily:
         n, d = xs64.shape
         K = center.shape[0]
         c = xp.asarray(center)
-        resp64 = resp_t.astype(np.float64, copy=False)
+        resp64 = resp_t
+        if resp_t.dtype != np.float64:
+            resp64 = scratch.get("resp64", resp_t.shape, np.float64)
+            resp64[...] = resp_t
         nk = resp64.sum(axis=1)
         s1 = resp64 @ xs64 - nk[:, None] * c
         if self.covariance_type in ("full", "tied") and whitened is not None:
@@ -337,9 +344,19 @@ class GaussianFamily:
 class _Scratch:
     """Work buffers reused across the slices of a chunk, one per name and dtype."""
 
+    _local = threading.local()
+
     def __init__(self, xp: Any):
         self.xp = xp
         self._buffers: dict[tuple[str, np.dtype], Any] = {}
+
+    @classmethod
+    def of_thread(cls) -> "_Scratch":
+        """The calling thread's NumPy buffers, kept from one call to the next."""
+        scratch = getattr(cls._local, "scratch", None)
+        if scratch is None:
+            scratch = cls._local.scratch = cls(np)
+        return scratch
 
     def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
         size = int(np.prod(shape))
