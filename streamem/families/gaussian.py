@@ -81,7 +81,7 @@ class GaussianFamily:
         """
         scratch = _Scratch(array_module(X))
         shift = _shift(params)
-        xs64, xs = self._shifted(X, shift, scratch)
+        xs = self._shifted(X, shift, scratch)
         return self._log_prob_shifted(xs, params, shift, scratch).T.copy()
 
     def e_step(self, X: Any, params: GaussianParams) -> tuple[Any, Any]:
@@ -93,31 +93,27 @@ class GaussianFamily:
         """E-step of one chunk: its statistics and its log-likelihood sum.
 
         The chunk is processed in slices of :data:`SLICE_ROWS` rows whose
-        temporaries live in buffers allocated once per chunk: they stay in
-        cache (1.6x faster than whole 65k-row chunks for d=16, K=8), and no
-        large array is allocated per slice (Dask workers set
-        ``MALLOC_TRIM_THRESHOLD_``, which makes every large allocation a
-        fresh ``mmap``: 2.7x slower when measured). On a GPU the whole chunk
-        is one slice. On the CPU the buffers are kept per thread from one
-        chunk to the next (about 11 MB for d=16, K=8): Dask workers set
-        ``MALLOC_TRIM_THRESHOLD_``, under which fresh buffers cost 10 ms of
-        a 25-60 ms chunk in page faults (measured).
+        temporaries live in buffers allocated once: they stay in cache (1.6x
+        faster than whole 65k-row chunks for d=16, K=8). On the CPU the
+        buffers are kept per thread from one chunk to the next (about 11 MB
+        for d=16, K=8): Dask workers set ``MALLOC_TRIM_THRESHOLD_``, under
+        which fresh buffers cost 10 ms of a 25-60 ms chunk in page faults
+        (measured). On a GPU the whole chunk is one slice.
         """
         X = to_device(X, self.device)
         xp = array_module(X)
         scratch = _Scratch.of_thread() if xp is np else _Scratch(xp)
         shift = _shift(params)
-        center = params.means - shift
         step = SLICE_ROWS if xp is np else max(len(X), 1)
         total = None
         for start in range(0, len(X), step):
-            xs64, xs = self._shifted(X[start : start + step], shift, scratch)
+            xs = self._shifted(X[start : start + step], shift, scratch)
             loglik, resp_t = _normalise(self._log_prob_shifted(xs, params, shift, scratch))
-            whitened = None
+            loglik_sum = float(loglik.sum(dtype=np.float64))
             if self.covariance_type in ("full", "tied"):
-                # The E-step left y[k] = ((x - mean_k) U_k)^T in the scratch buffer.
-                whitened = scratch.get("y", (len(center), xs.shape[1], xs.shape[0]), xs.dtype), params.precisions_cholesky
-            part = self._stats_shifted(xs64, xs, resp_t, center, float(loglik.sum(dtype=np.float64)), scratch, whitened)
+                part = self._stats_whitened(resp_t, params.precisions_cholesky, loglik_sum, scratch)
+            else:
+                part = self._stats_direct(xs, xs, resp_t, params.means - shift, loglik_sum, scratch)
             total = part if total is None else total + part
         return total
 
@@ -129,27 +125,27 @@ class GaussianFamily:
         data already centred at each component's mean.
         """
         xp = array_module(X)
-        scratch = _Scratch(xp)
         shift = center.mean(axis=0)
-        xs64, xs = self._shifted(X, shift, scratch)
+        xs64 = xp.asarray(X, dtype=np.float64) - xp.asarray(shift)
+        xs = xs64.astype(self._estep_dtype, copy=False)
         resp_t = xp.ascontiguousarray(xp.asarray(resp).T)
-        return self._stats_shifted(xs64, xs, resp_t, center - shift, loglik, scratch)
+        return self._stats_direct(xs64, xs, resp_t, center - shift, loglik, _Scratch(xp))
 
     # ------------------------------------------------------------- kernels
-    def _shifted(self, X: Any, shift: np.ndarray, scratch: "_Scratch") -> tuple[Any, Any]:
-        """``X - shift`` in float64, and the same in :attr:`dtype`."""
+    @property
+    def _estep_dtype(self) -> np.dtype:
+        # diag/spherical: the single-precision form that does not cancel was
+        # measured slower (1.3-1.5x) than the double-precision one.
+        return np.dtype(np.float64 if self.covariance_type in ("diag", "spherical") else self.dtype)
+
+    def _shifted(self, X: Any, shift: np.ndarray, scratch: "_Scratch") -> Any:
+        """``X - shift`` in the E-step's precision."""
         xp = scratch.xp
-        xs64 = scratch.get("xs64", X.shape, np.float64)
-        # Subtract the shift in float64 before any rounding to ``dtype``.
-        xp.subtract(xp.asarray(X), xp.asarray(shift), out=xs64)
-        dt = np.dtype(self.dtype)
-        if dt == np.float64 or self.covariance_type in ("diag", "spherical"):
-            # diag/spherical: the single-precision form that does not cancel
-            # was measured slower (1.3-1.5x) than the double-precision one.
-            return xs64, xs64
-        xs = scratch.get("xs", X.shape, dt)
-        xs[...] = xs64
-        return xs64, xs
+        xs = scratch.get("xs", X.shape, self._estep_dtype)
+        # The subtraction runs in float64 and only its result is rounded, so
+        # data far from the origin lose nothing to the single precision.
+        xp.subtract(xp.asarray(X), xp.asarray(shift, dtype=np.float64), out=xs)
+        return xs
 
     def _log_prob_shifted(self, xs: Any, params: GaussianParams, shift: np.ndarray, scratch: "_Scratch") -> Any:
         """Weighted log joint of rows already shifted, shape (K, n), in a scratch buffer."""
@@ -179,7 +175,7 @@ class GaussianFamily:
             _sq_norms(y, sq, xp)
             log_det = np.full(K, np.log(np.diag(prec_chol64)).sum())
         else:
-            # Expanded around the shift, in float64 (see _shifted).
+            # Expanded around the shift, in float64 (see _estep_dtype).
             scale = prec_chol if ct == "diag" else xp.repeat(prec_chol[:, None], d, axis=1)
             prec = scale**2
             x2 = scratch.get("x2", (n, d), dt)
@@ -195,50 +191,50 @@ class GaussianFamily:
         sq += const[:, None]
         return sq
 
-    def _stats_shifted(
-        self,
-        xs64: Any,
-        xs: Any,
-        resp_t: Any,
-        center: np.ndarray,
-        loglik: float,
-        scratch: "_Scratch",
-        whitened: tuple[Any, np.ndarray] | None = None,
+    def _stats_whitened(self, resp_t: Any, prec_chol: np.ndarray, loglik: float, scratch: "_Scratch") -> SuffStats:
+        """Statistics of a full/tied slice from the residuals its E-step left whitened.
+
+        The E-step left ``y[k] = ((x - mean_k) U_k)^T`` (K, d, n) in the
+        scratch buffer. With ``L_k = U_k^{-T}``, the Cholesky factor of the
+        covariance, ``sum_i r_ik (x_i - mean_k) = L_k sum_i r_ik y_ik`` and
+        the scatter is ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T``: one product
+        per component on data the E-step already centred, in the E-step's
+        precision (over at most one slice of rows; slices add in float64).
+        """
+        xp = scratch.xp
+        K, n = resp_t.shape
+        d = prec_chol.shape[-1]
+        y = scratch.get("y", (K, d, n), resp_t.dtype)
+        moment1 = xp.matmul(y, resp_t[:, :, None])[:, :, 0]
+        root = scratch.get("root", (K, n), resp_t.dtype)
+        xp.sqrt(resp_t, out=root)
+        weighted = scratch.get("weighted", (d, n), resp_t.dtype)
+        moment2 = xp.empty((K, d, d), dtype=resp_t.dtype)
+        for k in range(K):
+            xp.multiply(y[k], root[k], out=weighted)
+            moment2[k] = weighted @ weighted.T  # symmetric product: BLAS SYRK
+        u = prec_chol if self.covariance_type == "full" else np.broadcast_to(prec_chol, (K, d, d))
+        chol = np.linalg.inv(u).transpose(0, 2, 1)
+        s1 = np.einsum("kij,kj->ki", chol, to_numpy(moment1).astype(np.float64))
+        s2 = chol @ to_numpy(moment2).astype(np.float64) @ chol.transpose(0, 2, 1)
+        if self.covariance_type == "tied":
+            s2 = s2.sum(axis=0)
+        nk = to_numpy(resp_t.sum(axis=1, dtype=np.float64))
+        return SuffStats({"n": np.float64(n), "loglik": np.float64(loglik), "nk": nk, "s1": s1, "s2": s2})
+
+    def _stats_direct(
+        self, xs64: Any, xs: Any, resp_t: Any, center: np.ndarray, loglik: float, scratch: "_Scratch"
     ) -> SuffStats:
         """Statistics of shifted rows with responsibilities ``resp_t`` (K, n), centred at ``center``
-        (given relative to the same shift).
-
-        For full/tied models after an E-step, ``whitened`` = (y, U) with
-        ``y[k] = ((x - center_k) U_k)^T`` (K, d, n): the scatter is then
-        ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T`` with ``L_k = U_k^{-T}``, the
-        Cholesky factor of the covariance — one scaled SYRK per component on
-        data the E-step already centred, instead of centring again.
-        """
+        (given relative to the same shift): ``xs64`` in float64, ``xs`` in the E-step's precision."""
         xp = scratch.xp
         n, d = xs64.shape
         K = center.shape[0]
         c = xp.asarray(center)
-        resp64 = resp_t
-        if resp_t.dtype != np.float64:
-            resp64 = scratch.get("resp64", resp_t.shape, np.float64)
-            resp64[...] = resp_t
+        resp64 = resp_t.astype(np.float64, copy=False)
         nk = resp64.sum(axis=1)
         s1 = resp64 @ xs64 - nk[:, None] * c
-        if self.covariance_type in ("full", "tied") and whitened is not None:
-            y, prec_chol = whitened
-            root = scratch.get("root", (K, n), y.dtype)
-            xp.sqrt(resp_t, out=root)
-            z = scratch.get("z_k", (d, n), y.dtype)
-            m = xp.empty((K, d, d), dtype=y.dtype)
-            for k in range(K):
-                xp.multiply(y[k], root[k], out=z)
-                m[k] = z @ z.T  # symmetric product: BLAS SYRK
-            u = prec_chol if self.covariance_type == "full" else np.broadcast_to(prec_chol, (K, d, d))
-            chol = np.linalg.inv(u).transpose(0, 2, 1)
-            s2 = chol @ to_numpy(m).astype(np.float64) @ chol.transpose(0, 2, 1)
-            if self.covariance_type == "tied":
-                s2 = s2.sum(axis=0)
-        elif self.covariance_type in ("full", "tied"):
+        if self.covariance_type in ("full", "tied"):
             dt = xs.dtype
             c_dt, resp_dt = c.astype(dt), resp_t.astype(dt, copy=False)
             xk, wk = scratch.get("xk", (n, d), dt), scratch.get("wk", (n, d), dt)
