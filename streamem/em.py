@@ -2,9 +2,9 @@
 
 This is the only module that builds and computes Dask graphs. A *data pass*
 maps a function over the row chunks of the data, combines the per-chunk
-results in a fixed tree ordered by chunk index (so the rounding does not
-depend on the number of workers or on scheduling) and computes the whole
-thing with exactly one ``dask.compute``.
+results in a fixed tree ordered by chunk index (:mod:`streamem.tree`: the
+rounding does not depend on the number of workers or on scheduling) and
+computes the whole thing with exactly one ``dask.compute``.
 """
 
 from __future__ import annotations
@@ -13,19 +13,18 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import dask
 import numpy as np
 
+from streamem import tree
 from streamem.cluster import is_client, persist_spread
 from streamem.data import InputData
 from streamem.stats import SuffStats
 
 logger = logging.getLogger("streamem")
-
-#: How many partial results one reduction task combines.
-TREE_FAN_IN = 8
 
 
 #: A per-chunk function: (chunk, first global row of the chunk, payload) -> value.
@@ -71,6 +70,36 @@ def _combine(combine: Callable[[Any, Any], Any], *parts: BlockResult) -> BlockRe
     return BlockResult(value, sum(p.n_bad for p in parts), bad_rows)
 
 
+def _run_group(
+    fn: BlockFn,
+    blocks: list[np.ndarray],
+    payload: Any,
+    offsets: list[int],
+    first: int,
+    check_block: bool,
+    node_combine: tree.NodeCombine,
+    n_chunks: int,
+) -> tree.Partial:
+    """Consecutive chunks ``first, first + 1, ...`` in one task, combined as far as the tree allows."""
+    results = [_run_block(fn, block, payload, offset, check_block) for block, offset in zip(blocks, offsets)]
+    return tree.leaves(first, results, node_combine, n_chunks)
+
+
+def _chunk_groups(homes: list[str | None]) -> list[tuple[int, int]]:
+    """Chunk ranges ``[start, stop)`` run by one task each.
+
+    Consecutive chunks held by the same worker go together, up to
+    ``tree.FAN_IN`` of them; a chunk no worker holds is a task of its own
+    (its read is a task anyway, and may run anywhere).
+    """
+    groups, start = [], 0
+    for i in range(1, len(homes) + 1):
+        if i == len(homes) or homes[i] is None or homes[i] != homes[start] or i - start == tree.FAN_IN:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
 def add_elementwise(a: Sequence[SuffStats], b: Sequence[SuffStats]) -> list[SuffStats]:
     """Combine the statistics of several models, model by model."""
     return [x + y for x, y in zip(a, b)]
@@ -101,10 +130,11 @@ class DataPasses:
         if persist and not is_client(scheduler):
             array = array.persist(scheduler=scheduler)
         self.blocks = list(array.to_delayed().ravel())
-        #: The worker each chunk task should run on, where one holds the chunk.
+        #: The worker holding each chunk, where one does.
         self.homes: list[str | None] = [None] * len(self.blocks)
         if persist and is_client(scheduler):
             self.blocks, self.homes = persist_spread(scheduler, self.blocks)
+        self.groups = _chunk_groups(self.homes)
         self.n_passes = 0
         self.tasks_per_pass = 0
 
@@ -120,17 +150,15 @@ class DataPasses:
         ``check_block`` or when ``fn``'s result is not finite.
         """
         payload = dask.delayed(payload, pure=True)
-        level = chunk_tasks = [
-            self._chunk_task(fn, block, payload, int(off), check_block, home)
-            for block, off, home in zip(self.blocks, self.offsets, self.homes)
-        ]
+        node_combine = partial(_combine, combine)
+        level = group_tasks = [self._group_task(fn, payload, node_combine, start, stop, check_block) for start, stop in self.groups]
         while len(level) > 1:
             level = [
-                dask.delayed(_combine, pure=True)(combine, *level[i : i + TREE_FAN_IN])
-                for i in range(0, len(level), TREE_FAN_IN)
+                dask.delayed(tree.merge, pure=True)(node_combine, len(self.blocks), *level[i : i + tree.FAN_IN])
+                for i in range(0, len(level), tree.FAN_IN)
             ]
         self.tasks_per_pass = len(level[0].__dask_graph__())
-        result = self._compute(level[0], chunk_tasks)
+        result = tree.root(self._compute(level[0], group_tasks))
         self.n_passes += 1
         if result.n_bad:
             lo, hi = result.bad_rows
@@ -140,44 +168,56 @@ class DataPasses:
             )
         return result.value
 
-    @staticmethod
-    def _chunk_task(fn: BlockFn, block: Any, payload: Any, offset: int, check_block: bool, home: str | None) -> Any:
-        """The task of one chunk, asked to run on the worker holding the chunk.
+    def _group_task(
+        self, fn: BlockFn, payload: Any, node_combine: tree.NodeCombine, start: int, stop: int, check_block: bool
+    ) -> Any:
+        """The task of chunks ``start`` to ``stop - 1``, asked to run on the worker holding them.
 
-        Without this, a scheduler on a busy machine moves chunk tasks (and
-        their 8 MB chunks) between workers by timing: measured 0.34-0.52 s
-        per pass with 10/6 splits of 16 chunks instead of 0.27-0.32 s with
-        8/8. The restriction is loose: a free worker may still take the task.
+        Measured at 1M x 16 on this project's 2-core machine: left to
+        itself, a scheduler on a busy machine moved chunk tasks (and their
+        8 MB chunks) between workers by timing, 0.34-0.52 s per pass with
+        10/6 splits of 16 chunks instead of 0.27-0.32 s with 8/8; and every
+        task costs ~3 ms of scheduling there (a pass of 16 empty chunk tasks
+        took 90 ms), hence several chunks per task. The restriction is
+        loose: a free worker may still take the task.
         """
+        home = self.homes[start]
         where = dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
         with where:
-            return dask.delayed(_run_block, pure=True)(fn, block, payload, offset, check_block)
+            return dask.delayed(_run_group, pure=True)(
+                fn,
+                self.blocks[start:stop],
+                payload,
+                [int(off) for off in self.offsets[start:stop]],
+                start,
+                check_block,
+                node_combine,
+                len(self.blocks),
+            )
 
-    def _compute(self, root: Any, chunk_tasks: list[Any]) -> BlockResult:
-        """One ``compute`` of ``root``; with ``progress``, a bar over the chunk tasks."""
+    def _compute(self, root: Any, group_tasks: list[Any]) -> Any:
+        """One ``compute`` of ``root``; with ``progress``, a bar over the chunks."""
         if not self.progress:
             with self._blas_limits():
                 return dask.compute(root, scheduler=self.scheduler, optimize_graph=False)[0]
         from tqdm import tqdm
 
-        with tqdm(total=len(chunk_tasks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
+        sizes = {task.key: stop - start for task, (start, stop) in zip(group_tasks, self.groups)}
+        with tqdm(total=len(self.blocks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
             if is_client(self.scheduler):
                 from distributed import as_completed
 
-                # Chunk results are small statistics: returning them as well
-                # lets us count finished chunks as they arrive.
-                futures = self.scheduler.compute([root, *chunk_tasks], optimize_graph=False)
-                for _ in as_completed(futures[1:]):
-                    bar.update(1)
+                # Group results are small partial sums: returning them as
+                # well lets us count finished chunks as they arrive.
+                futures = self.scheduler.compute([root, *group_tasks], optimize_graph=False)
+                for future in as_completed(futures[1:]):
+                    bar.update(sizes[future.key])
                 return futures[0].result()
             from dask.callbacks import Callback
 
-            names = {task.key for task in chunk_tasks}
-
             class _Tick(Callback):
                 def _posttask(self, key, result, dsk, state, id):
-                    if key in names:
-                        bar.update(1)
+                    bar.update(sizes.get(key, 0))
 
             with _Tick(), self._blas_limits():
                 return dask.compute(root, scheduler=self.scheduler, optimize_graph=False)[0]

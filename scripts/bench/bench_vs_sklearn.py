@@ -2,7 +2,9 @@
 
 Seconds per iteration are (time of a fit with 1 + m iterations minus time of
 a fit with 1 iteration) / m, so neither library's set-up (scikit-learn's
-initialisation pass, our cluster warm-up and first read) counts. Both fit
+initialisation pass, our cluster warm-up and first read) counts; the median
+over --repeats such measurements (streamem's configurations interleaved, so
+a slow minute of a shared machine does not land on one of them). Both fit
 with tol=0 from the same weights/means/precisions. streamem runs first,
 before the data are loaded into this process for scikit-learn, so its peak
 memory (client + scheduler + workers) does not include the in-memory copy.
@@ -10,7 +12,7 @@ memory (client + scheduler + workers) does not include the in-memory copy.
 Usage:
     python scripts/bench/bench_vs_sklearn.py [--n-samples 1000000] [--n-features 16]
         [--n-components 8] [--covariance-type full tied diag spherical]
-        [--dtype float64 float32] [--persist never] [--workers 2] [--iters 10]
+        [--dtype float64 float32] [--persist never] [--workers 2] [--iters 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def seconds_per_iteration(make, fit_input, iters: int) -> tuple[float, object, i
     return (many - one) / iters, model, mem.peak
 
 
+def median_run(runs: list[tuple[float, object, int]]) -> tuple[float, object, int]:
+    """The run of median time (its model), with the largest peak memory of all runs."""
+    ordered = sorted(runs, key=lambda run: run[0])
+    seconds, model, _ = ordered[len(ordered) // 2]
+    return seconds, model, max(run[2] for run in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-samples", type=int, default=1_000_000)
@@ -73,6 +82,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-rows", type=int, default=65_536)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per configuration (median reported)")
     parser.add_argument("--data", default=None, help="Zarr store to use/create (default: a temporary one)")
     args = parser.parse_args()
 
@@ -84,23 +94,29 @@ def main() -> None:
     head = stored[:20_000]
     inits = {ct: initial_parameters(head, args.n_components, ct) for ct in args.covariance_type}
     print(f"# {date.today()} on {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})")
+    print(f"# median of {args.repeats} measurements per configuration")
     print(f"# data {stored.shape[0]:,} x {stored.shape[1]} float64 in a Zarr store, K={args.n_components}, chunks of "
           f"{args.chunk_rows} rows; streamem: LocalCluster of {args.workers} workers x 1 thread, persist={args.persist!r}; "
           f"scikit-learn {__import__('sklearn').__version__}: in memory, all cores")
 
-    ours = {}
+    ours: dict = {}
     with local_cluster(n_workers=args.workers, threads_per_worker=1) as cluster, Client(cluster):
-        for ct in args.covariance_type:
-            for dtype in args.dtype:
-                kw = dict(n_components=args.n_components, covariance_type=ct, tol=0.0, dtype=dtype, persist=args.persist, **inits[ct])
-                ours[ct, dtype] = seconds_per_iteration(lambda m: streamem.GaussianMixture(max_iter=m, **kw), path, args.iters)
+        for _ in range(args.repeats):
+            for ct in args.covariance_type:
+                for dtype in args.dtype:
+                    kw = dict(n_components=args.n_components, covariance_type=ct, tol=0.0, dtype=dtype,
+                              persist=args.persist, **inits[ct])
+                    ours.setdefault((ct, dtype), []).append(
+                        seconds_per_iteration(lambda m: streamem.GaussianMixture(max_iter=m, **kw), path, args.iters))
+    ours = {key: median_run(runs) for key, runs in ours.items()}
 
     X = stored[:]
     print(f"{'cov':>9} {'dtype':>7} {'sklearn s/it':>12} {'streamem s/it':>13} {'ratio':>6} {'sklearn LL':>14} "
           f"{'streamem LL':>14} {'rel diff':>9} {'sk peak MiB':>11} {'se peak MiB':>11}")
     for ct in args.covariance_type:
         kw = dict(n_components=args.n_components, covariance_type=ct, tol=0.0, **inits[ct])
-        sk_t, sk, sk_peak = seconds_per_iteration(lambda m: SkGaussianMixture(max_iter=m, **kw), X, args.iters)
+        sk_t, sk, sk_peak = median_run([seconds_per_iteration(lambda m: SkGaussianMixture(max_iter=m, **kw), X, args.iters)
+                                        for _ in range(args.repeats)])
         for dtype in args.dtype:
             se_t, se, se_peak = ours[ct, dtype]
             rel = abs(se.lower_bound_ - sk.lower_bound_) / abs(sk.lower_bound_)
