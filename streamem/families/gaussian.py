@@ -105,16 +105,19 @@ class GaussianFamily:
         scratch = _Scratch.of_thread() if xp is np else _Scratch(xp)
         shift = _shift(params)
         step = SLICE_ROWS if xp is np else max(len(X), 1)
-        total = None
+        loglik_sum, moments, total = 0.0, None, None
         for start in range(0, len(X), step):
             xs = self._shifted(X[start : start + step], shift, scratch)
             loglik, resp_t = _normalise(self._log_prob_shifted(xs, params, shift, scratch))
-            loglik_sum = float(loglik.sum(dtype=np.float64))
             if self.covariance_type in ("full", "tied"):
-                part = self._stats_whitened(resp_t, params.precisions_cholesky, loglik_sum, scratch)
+                loglik_sum += float(loglik.sum(dtype=np.float64))
+                part = self._whitened_moments(resp_t, xs.shape[1], scratch)
+                moments = part if moments is None else tuple(a + b for a, b in zip(moments, part))
             else:
-                part = self._stats_direct(xs, xs, resp_t, params.means - shift, loglik_sum, scratch)
-            total = part if total is None else total + part
+                part = self._stats_direct(xs, xs, resp_t, params.means - shift, float(loglik.sum(dtype=np.float64)), scratch)
+                total = part if total is None else total + part
+        if moments is not None:
+            return self._stats_whitened(moments, params.precisions_cholesky, loglik_sum, len(X))
         return total
 
     def stats_from_resp(self, X: Any, resp: Any, center: np.ndarray, *, loglik: float = 0.0) -> SuffStats:
@@ -191,19 +194,16 @@ class GaussianFamily:
         sq += const[:, None]
         return sq
 
-    def _stats_whitened(self, resp_t: Any, prec_chol: np.ndarray, loglik: float, scratch: "_Scratch") -> SuffStats:
-        """Statistics of a full/tied slice from the residuals its E-step left whitened.
+    def _whitened_moments(self, resp_t: Any, d: int, scratch: "_Scratch") -> tuple[Any, Any, Any]:
+        """``sum_i r_ik``, ``sum_i r_ik y_ik`` and ``sum_i r_ik y_ik y_ik^T`` of one slice, in float64.
 
-        The E-step left ``y[k] = ((x - mean_k) U_k)^T`` (K, d, n) in the
-        scratch buffer. With ``L_k = U_k^{-T}``, the Cholesky factor of the
-        covariance, ``sum_i r_ik (x_i - mean_k) = L_k sum_i r_ik y_ik`` and
-        the scatter is ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T``: one product
-        per component on data the E-step already centred, in the E-step's
-        precision (over at most one slice of rows; slices add in float64).
+        ``y[k] = ((x - mean_k) U_k)^T`` (K, d, n) is what the full/tied
+        E-step left in the scratch buffer: residuals already centred and
+        whitened. The products run in the E-step's precision, one per
+        component (a symmetric BLAS SYRK).
         """
         xp = scratch.xp
         K, n = resp_t.shape
-        d = prec_chol.shape[-1]
         y = scratch.get("y", (K, d, n), resp_t.dtype)
         moment1 = xp.matmul(y, resp_t[:, :, None])[:, :, 0]
         root = scratch.get("root", (K, n), resp_t.dtype)
@@ -213,13 +213,24 @@ class GaussianFamily:
         for k in range(K):
             xp.multiply(y[k], root[k], out=weighted)
             moment2[k] = weighted @ weighted.T  # symmetric product: BLAS SYRK
+        nk = resp_t.sum(axis=1, dtype=np.float64)
+        return nk, moment1.astype(np.float64), moment2.astype(np.float64)
+
+    def _stats_whitened(self, moments: tuple[Any, Any, Any], prec_chol: np.ndarray, loglik: float, n: int) -> SuffStats:
+        """Statistics from summed whitened moments (see :meth:`_whitened_moments`).
+
+        With ``L_k = U_k^{-T}``, the Cholesky factor of the covariance,
+        ``sum_i r_ik (x_i - mean_k) = L_k sum_i r_ik y_ik`` and the scatter
+        is ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T``: mapped back once per chunk.
+        """
+        nk, moment1, moment2 = (to_numpy(m) for m in moments)
+        K, d = moment1.shape
         u = prec_chol if self.covariance_type == "full" else np.broadcast_to(prec_chol, (K, d, d))
         chol = np.linalg.inv(u).transpose(0, 2, 1)
-        s1 = np.einsum("kij,kj->ki", chol, to_numpy(moment1).astype(np.float64))
-        s2 = chol @ to_numpy(moment2).astype(np.float64) @ chol.transpose(0, 2, 1)
+        s1 = np.einsum("kij,kj->ki", chol, moment1)
+        s2 = chol @ moment2 @ chol.transpose(0, 2, 1)
         if self.covariance_type == "tied":
             s2 = s2.sum(axis=0)
-        nk = to_numpy(resp_t.sum(axis=1, dtype=np.float64))
         return SuffStats({"n": np.float64(n), "loglik": np.float64(loglik), "nk": nk, "s1": s1, "s2": s2})
 
     def _stats_direct(
