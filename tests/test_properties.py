@@ -9,6 +9,7 @@ from __future__ import annotations
 import dask
 import dask.array as da
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
@@ -196,3 +197,41 @@ def test_chunk_stats_loglik_is_the_mixture_loglik():
     dens = sum(w * multivariate_normal(m, c).pdf(X) for w, m, c in zip(inits["weights_init"], inits["means_init"], covs))
     assert_allclose(stats.loglik, np.log(dens).sum(), rtol=1e-12)
     assert stats.n == 50
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_chunk_stats_over_many_slices_are_the_textbook_moments(monkeypatch, covariance_type, dtype, rtol):
+    """Statistics from the E-step's whitened residuals, summed over slices, against scipy + numpy directly.
+
+    The data sit at 1e6 from the origin: float32 must lose nothing to the offset.
+    """
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    from streamem.families import gaussian
+
+    monkeypatch.setattr(gaussian, "SLICE_ROWS", 300)  # 1000 rows: 4 slices, the last one short
+    rng = np.random.RandomState(5)
+    K, d = 3, 4
+    means = rng.normal(size=(K, d)) * 3 + 1e6
+    X = means[rng.randint(K, size=1000)] + rng.normal(size=(1000, d))
+    factors = rng.normal(size=(K, d, d)) * 0.3 + np.eye(d)
+    covs = factors @ factors.transpose(0, 2, 1)
+    if covariance_type == "tied":
+        covs = covs[0]
+    weights = np.array([0.5, 0.3, 0.2])
+    fam = GaussianFamily(covariance_type, dtype=dtype)
+    params = GaussianParams(weights, means, covs, fam.precision_cholesky(covs))
+    stats = fam.chunk_stats(X, params)
+
+    cov_k = np.broadcast_to(covs, (K, d, d))
+    log_joint = np.stack([np.log(w) + multivariate_normal(m, c).logpdf(X) for w, m, c in zip(weights, means, cov_k)], axis=1)
+    resp = np.exp(log_joint - logsumexp(log_joint, axis=1, keepdims=True))
+    centred = X[None] - means[:, None]  # (K, n, d)
+    s2 = np.einsum("nk,kni,knj->kij", resp, centred, centred)
+    scale = np.abs(centred).max()
+    assert_allclose(stats["nk"], resp.sum(axis=0), rtol=rtol)
+    assert_allclose(stats["s1"], np.einsum("nk,kni->ki", resp, centred), rtol=rtol, atol=rtol * scale * 1000)
+    assert_allclose(stats["s2"], s2.sum(axis=0) if covariance_type == "tied" else s2, rtol=rtol, atol=rtol * scale**2)
+    assert_allclose(stats.loglik, logsumexp(log_joint, axis=1).sum(), rtol=rtol)

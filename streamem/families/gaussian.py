@@ -26,8 +26,11 @@ from streamem.stats import SuffStats
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _EPS10 = 10 * np.finfo(np.float64).eps
 _LOG_2PI = np.log(2 * np.pi)
-#: Rows per slice inside a chunk's E-step (keeps temporaries in cache).
+#: Rows per slice inside a chunk's E-step (keeps temporaries in cache) ...
 SLICE_ROWS = 8192
+#: ... fewer for large models, so that the per-row work arrays of a slice
+#: (K x d values each) stay within this many bytes.
+SLICE_BYTES = 32 * 2**20
 
 _ILL_DEFINED = (
     "Fitting the mixture model failed because some components have "
@@ -92,19 +95,23 @@ class GaussianFamily:
     def chunk_stats(self, X: Any, params: GaussianParams) -> SuffStats:
         """E-step of one chunk: its statistics and its log-likelihood sum.
 
-        The chunk is processed in slices of :data:`SLICE_ROWS` rows whose
+        The chunk is processed in slices of at most :data:`SLICE_ROWS` rows
+        (fewer when K x d is large, see :data:`SLICE_BYTES`) whose
         temporaries live in buffers allocated once: they stay in cache (1.6x
         faster than whole 65k-row chunks for d=16, K=8). On the CPU the
         buffers are kept per thread from one chunk to the next (about 11 MB
-        for d=16, K=8): Dask workers set ``MALLOC_TRIM_THRESHOLD_``, under
-        which fresh buffers cost 10 ms of a 25-60 ms chunk in page faults
-        (measured). On a GPU the whole chunk is one slice.
+        for d=16, K=8; at most ~2 x SLICE_BYTES): Dask workers set
+        ``MALLOC_TRIM_THRESHOLD_``, under which fresh buffers cost 10 ms of
+        a 25-60 ms chunk in page faults (measured). On a GPU the whole chunk
+        is one slice.
         """
         X = to_device(X, self.device)
         xp = array_module(X)
         scratch = _Scratch.of_thread() if xp is np else _Scratch(xp)
         shift = _shift(params)
-        step = SLICE_ROWS if xp is np else max(len(X), 1)
+        K, d = params.means.shape
+        row_bytes = K * d * np.dtype(self._estep_dtype).itemsize
+        step = max(256, min(SLICE_ROWS, SLICE_BYTES // row_bytes)) if xp is np else max(len(X), 1)
         loglik_sum, moments, total = 0.0, None, None
         for start in range(0, len(X), step):
             xs = self._shifted(X[start : start + step], shift, scratch)
