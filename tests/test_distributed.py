@@ -16,7 +16,7 @@ from distributed import Client, get_task_stream
 from numpy.testing import assert_allclose
 
 import streamem
-from _common import IRREGULAR_CHUNKS, N_COMPONENTS, PARITY_MAX_ITER, assert_same_fit, fit_quietly, make_inits, sklearn_fit
+from _common import N_COMPONENTS, PARITY_MAX_ITER, assert_same_fit, fit_quietly, make_inits, sklearn_fit
 
 RTOL = 1e-8
 

@@ -11,6 +11,7 @@
 
 Usage:
     python scripts/bench/bench_scaling.py [--sizes 2000000 16000000] [--dir data/bench]
+        [--repeats 3] [--only memory speedup tasks]
 """
 
 from __future__ import annotations
@@ -66,40 +67,45 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 16_000_000])
     parser.add_argument("--dir", default="data/bench")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="speed-up: median of this many measurements")
+    parser.add_argument("--only", nargs="+", default=["memory", "speedup", "tasks"], choices=["memory", "speedup", "tasks"])
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     print(f"# {date.today()} on {platform.node()} ({os.cpu_count()} CPUs); D={D}, K={K}, full, float64, Zarr chunks of 65,536 rows")
 
-    print("\n## memory against N (2 workers, streaming: persist='never')")
-    peaks = {}
-    for n in args.sizes:
-        path = store(args.dir, n)
-        sec, peak = timed_fit(path, 2, args.iters)
-        peaks[n] = peak
-        print(f"N={n:>11,} data {n * D * 8 / 2**30:5.2f} GiB  peak RSS all processes {peak / 2**30:5.2f} GiB  {sec:6.2f} s/iteration")
-    if len(peaks) > 1:
-        lo, hi = min(peaks), max(peaks)
-        print(f"peak at N={hi:,} / peak at N={lo:,}: {peaks[hi] / peaks[lo]:.2f}")
+    if "memory" in args.only:
+        print("\n## memory against N (2 workers, streaming: persist='never')")
+        peaks = {}
+        for n in args.sizes:
+            path = store(args.dir, n)
+            sec, peak = timed_fit(path, 2, args.iters)
+            peaks[n] = peak
+            print(f"N={n:>11,} data {n * D * 8 / 2**30:5.2f} GiB  peak RSS all processes {peak / 2**30:5.2f} GiB  {sec:6.2f} s/iteration")
+        if len(peaks) > 1:
+            lo, hi = min(peaks), max(peaks)
+            print(f"peak at N={hi:,} / peak at N={lo:,}: {peaks[hi] / peaks[lo]:.2f}")
 
-    print("\n## speed-up from 1 to 2 workers (1 thread each)")
-    path = store(args.dir, args.sizes[0])
-    for persist in ("never", "always"):
-        one, _ = timed_fit(path, 1, args.iters, persist)
-        two, _ = timed_fit(path, 2, args.iters, persist)
-        print(f"persist={persist!r}: 1 worker {one:.3f} s/iteration, 2 workers {two:.3f} s/iteration, speed-up {one / two:.2f}x")
+    if "speedup" in args.only:
+        print(f"\n## speed-up from 1 to 2 workers (1 thread each; median of {args.repeats})")
+        path = store(args.dir, args.sizes[0])
+        for persist in ("never", "always"):
+            one = np.median([timed_fit(path, 1, args.iters, persist)[0] for _ in range(args.repeats)])
+            two = np.median([timed_fit(path, 2, args.iters, persist)[0] for _ in range(args.repeats)])
+            print(f"persist={persist!r}: 1 worker {one:.3f} s/iteration, 2 workers {two:.3f} s/iteration, speed-up {one / two:.2f}x")
 
-    print("\n## tasks per pass")
-    with local_cluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster, set_as_default=False) as client:
-        for where, kw in (("threads, streaming", {}), ("2 workers, held in memory", dict(client=client, persist="always"))):
-            for n_init in (1, 4):
-                for chunk_rows in (65_536, 32_768):
-                    p = store(args.dir, args.sizes[0], chunk_rows)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", ConvergenceWarning)
-                        m = streamem.GaussianMixture(K, n_init=n_init, max_iter=1, random_state=0, init_sample_size=20_000, **kw).fit(p)
-                    chunks = len(m.fit_data_["row_chunks"])
-                    print(f"{where}: n_init={n_init} chunks={chunks:4d}: {m.tasks_per_pass_} tasks per pass, "
-                          f"{m.n_data_passes_} passes in all")
+    if "tasks" in args.only:
+        print("\n## tasks per pass")
+        with local_cluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster, set_as_default=False) as client:
+            for where, kw in (("threads, streaming", {}), ("2 workers, held in memory", dict(client=client, persist="always"))):
+                for n_init in (1, 4):
+                    for chunk_rows in (65_536, 32_768):
+                        p = store(args.dir, args.sizes[0], chunk_rows)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", ConvergenceWarning)
+                            m = streamem.GaussianMixture(K, n_init=n_init, max_iter=1, random_state=0, init_sample_size=20_000, **kw).fit(p)
+                        chunks = len(m.fit_data_["row_chunks"])
+                        print(f"{where}: n_init={n_init} chunks={chunks:4d}: {m.tasks_per_pass_} tasks per pass, "
+                              f"{m.n_data_passes_} passes in all")
 
 
 if __name__ == "__main__":
