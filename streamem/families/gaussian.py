@@ -178,11 +178,13 @@ class GaussianFamily:
             _sq_norms(y.reshape(K, d, n), sq, xp)
             log_det = np.log(np.diagonal(prec_chol64, axis1=1, axis2=2)).sum(axis=1)
         elif ct == "tied":
+            # Laid out (d, K, n): all components share one factor, so the
+            # scatter is later one long SYRK over (d, K*n) (_whitened_moments).
             z = scratch.get("z", (d, n), dt)
             xp.matmul(prec_chol.T, xs.T, out=z)
-            y = scratch.get("y", (K, d, n), dt)
-            xp.subtract(z[None, :, :], (means @ prec_chol)[:, :, None], out=y)
-            _sq_norms(y, sq, xp)
+            y = scratch.get("y", (d, K, n), dt)
+            xp.subtract(z[:, None, :], (means @ prec_chol).T[:, :, None], out=y)
+            _sq_norms(y.transpose(1, 0, 2), sq, xp)
             log_det = np.full(K, np.log(np.diag(prec_chol64)).sum())
         else:
             # Expanded around the shift, in float64 (see _estep_dtype).
@@ -204,23 +206,31 @@ class GaussianFamily:
     def _whitened_moments(self, resp_t: Any, d: int, scratch: "_Scratch") -> tuple[Any, Any, Any]:
         """``sum_i r_ik``, ``sum_i r_ik y_ik`` and ``sum_i r_ik y_ik y_ik^T`` of one slice, in float64.
 
-        ``y[k] = ((x - mean_k) U_k)^T`` (K, d, n) is what the full/tied
-        E-step left in the scratch buffer: residuals already centred and
-        whitened. The products run in the E-step's precision, one per
-        component (a symmetric BLAS SYRK).
+        ``y_ik = U_k^T (x_i - mean_k)`` is what the full/tied E-step left in
+        the scratch buffer, (K, d, n) for full and (d, K, n) for tied:
+        residuals already centred and whitened. The products run in the
+        E-step's precision: a symmetric BLAS SYRK per component (full), or
+        one over all components, summed (tied: they share ``U``).
         """
         xp = scratch.xp
         K, n = resp_t.shape
-        y = scratch.get("y", (K, d, n), resp_t.dtype)
-        moment1 = xp.matmul(y, resp_t[:, :, None])[:, :, 0]
-        root = scratch.get("root", (K, n), resp_t.dtype)
+        dt = resp_t.dtype
+        root = scratch.get("root", (K, n), dt)
         xp.sqrt(resp_t, out=root)
-        weighted = scratch.get("weighted", (d, n), resp_t.dtype)
-        moment2 = xp.empty((K, d, d), dtype=resp_t.dtype)
+        nk = resp_t.sum(axis=1, dtype=np.float64)
+        if self.covariance_type == "tied":
+            y = scratch.get("y", (d, K, n), dt)
+            moment1 = xp.stack([y[:, k, :] @ resp_t[k] for k in range(K)])
+            y *= root  # the residuals are not needed after this
+            flat = y.reshape(d, K * n)
+            return nk, moment1.astype(np.float64), (flat @ flat.T).astype(np.float64)
+        y = scratch.get("y", (K, d, n), dt)
+        moment1 = xp.matmul(y, resp_t[:, :, None])[:, :, 0]
+        weighted = scratch.get("weighted", (d, n), dt)
+        moment2 = xp.empty((K, d, d), dtype=dt)
         for k in range(K):
             xp.multiply(y[k], root[k], out=weighted)
             moment2[k] = weighted @ weighted.T  # symmetric product: BLAS SYRK
-        nk = resp_t.sum(axis=1, dtype=np.float64)
         return nk, moment1.astype(np.float64), moment2.astype(np.float64)
 
     def _stats_whitened(self, moments: tuple[Any, Any, Any], prec_chol: np.ndarray, loglik: float, n: int) -> SuffStats:
@@ -231,13 +241,9 @@ class GaussianFamily:
         is ``L_k (sum_i r_ik y_ik y_ik^T) L_k^T``: mapped back once per chunk.
         """
         nk, moment1, moment2 = (to_numpy(m) for m in moments)
-        K, d = moment1.shape
-        u = prec_chol if self.covariance_type == "full" else np.broadcast_to(prec_chol, (K, d, d))
-        chol = np.linalg.inv(u).transpose(0, 2, 1)
-        s1 = np.einsum("kij,kj->ki", chol, moment1)
-        s2 = chol @ moment2 @ chol.transpose(0, 2, 1)
-        if self.covariance_type == "tied":
-            s2 = s2.sum(axis=0)
+        chol = np.linalg.inv(prec_chol).swapaxes(-1, -2)  # one per component, or one (tied)
+        s1 = moment1 @ chol.T if chol.ndim == 2 else np.einsum("kij,kj->ki", chol, moment1)
+        s2 = chol @ moment2 @ chol.swapaxes(-1, -2)
         return SuffStats({"n": np.float64(n), "loglik": np.float64(loglik), "nk": nk, "s1": s1, "s2": s2})
 
     def _stats_direct(
