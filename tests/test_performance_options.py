@@ -120,3 +120,16 @@ def _permutations(k):
     import itertools
 
     return [np.array(p) for p in itertools.permutations(range(k))]
+
+
+def test_a_large_payload_is_one_shared_task_with_the_same_result(monkeypatch):
+    """Parameters too big to copy into every chunk task travel as one task; the fit is unchanged."""
+    from streamem import em
+
+    X = da.from_array(make_data(), chunks=(100, -1))
+    small = _fit(X, **make_inits("full"))
+    monkeypatch.setattr(em, "EMBED_PAYLOAD_BYTES", 0)
+    large = _fit(X, **make_inits("full"))
+    assert large.tasks_per_pass_ == small.tasks_per_pass_ + 1
+    assert large.lower_bounds_ == small.lower_bounds_
+    np.testing.assert_array_equal(large.means_, small.means_)
