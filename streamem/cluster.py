@@ -31,28 +31,30 @@ def is_client(scheduler: Any) -> bool:
     return hasattr(scheduler, "persist") and hasattr(scheduler, "scheduler_info")
 
 
-def persist_spread(client: Any, blocks: list[Any]) -> tuple[list[Any], list[str]]:
-    """Read ``blocks`` (Delayed chunks, in order) into the workers' memory, in equal shares.
+def persist_spread(client: Any, blocks: list[Any]) -> tuple[list[Any], list[str | None], dict[str, int]]:
+    """Read ``blocks`` (Delayed chunks, in order) into the workers' memory, shared by thread count.
 
-    Each worker gets a contiguous run of chunks, sized by its thread count.
-    Returns one future per block and the address of the worker asked to
-    hold it: passes ask for the same worker (see ``DataPasses``), as a
-    preference that lets another worker read a lost chunk again.
+    Each worker gets a contiguous run of chunks, as many as its share of
+    the cluster's threads. Returns one future per block, the address of the
+    worker asked to hold it (a preference: another worker may read a lost
+    chunk again) and the workers' thread counts. With no worker connected
+    yet, the scheduler places the chunks as they come (no homes).
     """
     nthreads = client.nthreads()
-    workers = sorted(nthreads)
+    if not nthreads:
+        return client.compute(blocks), [None] * len(blocks), {}
     total = sum(nthreads.values())
     futures: list[Any] = []
-    homes: list[str] = []
+    homes: list[str | None] = []
     start = taken = 0
-    for worker in workers:
+    for worker in sorted(nthreads):
         taken += nthreads[worker]
         end = round(taken * len(blocks) / total)
         if end > start:
             futures += client.compute(blocks[start:end], workers=[worker], allow_other_workers=True)
             homes += [worker] * (end - start)
         start = end
-    return futures, homes
+    return futures, homes, dict(nthreads)
 
 
 def should_persist(mode: str, nbytes: int, in_memory: bool, scheduler: Any) -> bool:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import cloudpickle
 import dask
 import numpy as np
 
@@ -80,10 +80,10 @@ class _Literal:
         self.value = value
 
 
-#: A payload is shipped inside every chunk task while its copies take at
-#: most this many bytes (a pass saves a task and a transfer: an empty pass
-#: 30 -> 20 ms on 2 workers); a larger one is one task whose result the
-#: workers fetch.
+#: On a cluster, a payload is shipped inside every chunk task while its
+#: copies take at most this many bytes (a pass saves a task and a transfer:
+#: an empty pass 30 -> 20 ms on 2 workers); a larger one is one task whose
+#: result the workers fetch. Local threads share it as it is.
 EMBED_PAYLOAD_BYTES = 4 * 2**20
 
 
@@ -102,18 +102,23 @@ def _run_group(
     return tree.leaves(first, results, node_combine, n_chunks)
 
 
-def _chunk_groups(homes: list[str | None]) -> list[tuple[int, int]]:
+def _chunk_groups(homes: list[str | None], threads: dict[str, int]) -> list[tuple[int, int]]:
     """Chunk ranges ``[start, stop)`` run by one task each.
 
     Consecutive chunks held by the same worker go together, up to
-    ``tree.FAN_IN`` of them; a chunk no worker holds is a task of its own
-    (its read is a task anyway, and may run anywhere).
+    ``tree.FAN_IN`` of them and in at least as many tasks as the worker has
+    threads; a chunk no worker holds is a task of its own (its read is a
+    task anyway, and may run anywhere).
     """
-    groups, start = [], 0
-    for i in range(1, len(homes) + 1):
-        if i == len(homes) or homes[i] is None or homes[i] != homes[start] or i - start == tree.FAN_IN:
-            groups.append((start, i))
-            start = i
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for stop in range(1, len(homes) + 1):
+        if stop < len(homes) and homes[stop] is not None and homes[stop] == homes[start]:
+            continue
+        home = homes[start]
+        size = 1 if home is None else max(1, min(tree.FAN_IN, -(-(stop - start) // threads.get(home, 1))))
+        groups += [(i, min(i + size, stop)) for i in range(start, stop, size)]
+        start = stop
     return groups
 
 
@@ -149,9 +154,10 @@ class DataPasses:
         self.blocks = list(array.to_delayed().ravel())
         #: The worker holding each chunk, where one does.
         self.homes: list[str | None] = [None] * len(self.blocks)
+        threads: dict[str, int] = {}
         if persist and is_client(scheduler):
-            self.blocks, self.homes = persist_spread(scheduler, self.blocks)
-        self.groups = _chunk_groups(self.homes)
+            self.blocks, self.homes, threads = persist_spread(scheduler, self.blocks)
+        self.groups = _chunk_groups(self.homes, threads)
         self.n_passes = 0
         self.tasks_per_pass = 0
 
@@ -167,7 +173,7 @@ class DataPasses:
         ``check_block`` or when ``fn``'s result is not finite.
         """
         payload = _Literal(payload)
-        if len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)) * len(self.groups) > EMBED_PAYLOAD_BYTES:
+        if is_client(self.scheduler) and len(cloudpickle.dumps(payload)) * len(self.groups) > EMBED_PAYLOAD_BYTES:
             payload = dask.delayed(payload, pure=False)  # one task; its result travels to the others
         node_combine = partial(_combine, combine)
         n_chunks = len(self.blocks)

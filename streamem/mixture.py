@@ -201,16 +201,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             runs = [EMRun(GaussianParams(*(a[v] for v in _PARAM_NAMES)), lb, lbs, n_iter, conv) for a, lb, lbs, n_iter, conv in saved]
         persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
         passes = DataPasses(data, scheduler, progress=progress, persist=persist)
-        if runs is None and self.warm_start and hasattr(self, "converged_"):
-            runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
-        elif runs is None:
-            runs = [EMRun(params) for params in self._initial_runs(passes, family, check_random_state(self.random_state))]
 
         def save_state(iteration: int, runs: list[EMRun]) -> None:
             save_checkpoint(checkpoint, runs, iteration, self.covariance_type, settings, fingerprint)
 
-        with self._logging():
-            try:
+        try:  # the workers let go of persisted chunks however the fit ends
+            if runs is None and self.warm_start and hasattr(self, "converged_"):
+                runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
+            elif runs is None:
+                runs = [EMRun(params) for params in self._initial_runs(passes, family, check_random_state(self.random_state))]
+            with self._logging():
                 batch_em(
                     passes,
                     family,
@@ -221,8 +221,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     callback=save_state if checkpoint is not None else None,
                     log_every=self.verbose_interval,
                 )
-            finally:
-                passes.close()
+        finally:
+            passes.close()
 
         # scikit-learn keeps the first run with the highest final lower bound.
         best = max(range(len(runs)), key=lambda i: (runs[i].lower_bound, -i))

@@ -122,14 +122,40 @@ def _permutations(k):
     return [np.array(p) for p in itertools.permutations(range(k))]
 
 
-def test_a_large_payload_is_one_shared_task_with_the_same_result(monkeypatch):
-    """Parameters too big to copy into every chunk task travel as one task; the fit is unchanged."""
+def test_a_large_payload_is_one_shared_task_with_the_same_result(monkeypatch, cluster, zarr_path):
+    """On a cluster, parameters too big to copy into every chunk task travel as one task; the fit is unchanged."""
+    from distributed import Client
+
     from streamem import em
 
-    X = da.from_array(make_data(), chunks=(100, -1))
-    small = _fit(X, **make_inits("full"))
-    monkeypatch.setattr(em, "EMBED_PAYLOAD_BYTES", 0)
-    large = _fit(X, **make_inits("full"))
+    with Client(cluster, set_as_default=False) as client:
+        small = _fit(zarr_path, client=client, **make_inits("full"))
+        monkeypatch.setattr(em, "EMBED_PAYLOAD_BYTES", 0)
+        large = _fit(zarr_path, client=client, **make_inits("full"))
     assert large.tasks_per_pass_ == small.tasks_per_pass_ + 1
     assert large.lower_bounds_ == small.lower_bounds_
     np.testing.assert_array_equal(large.means_, small.means_)
+
+
+def test_chunk_groups_follow_the_workers_and_their_threads():
+    from streamem.em import _chunk_groups
+
+    homes = ["a"] * 10 + ["b"] * 3 + [None] * 2
+    assert _chunk_groups(homes, {"a": 1, "b": 1}) == [(0, 8), (8, 10), (10, 13), (13, 14), (14, 15)]
+    # A worker with 4 threads gets at least 4 tasks for its 10 chunks.
+    assert _chunk_groups(homes, {"a": 4, "b": 1})[:4] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_persist_without_workers_leaves_placement_to_the_scheduler():
+    from streamem.cluster import persist_spread
+
+    class NoWorkersYet:
+        def nthreads(self):
+            return {}
+
+        def compute(self, blocks, **kw):
+            assert not kw
+            return [f"future-{b}" for b in blocks]
+
+    futures, homes, threads = persist_spread(NoWorkersYet(), [0, 1, 2])
+    assert futures == ["future-0", "future-1", "future-2"] and homes == [None] * 3 and threads == {}
