@@ -439,6 +439,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         _check_int("max_iter", self.max_iter, 0)
         _check_int("verbose_interval", self.verbose_interval, 1)
         _check_int("init_sample_size", self.init_sample_size, 1)
+        if self.init_sample_size < self.n_components:
+            raise ValueError(
+                f"init_sample_size={self.init_sample_size!r} must be >= n_components={self.n_components!r}: "
+                "the initialisation needs at least one sampled row per component"
+            )
         _check_real("tol", self.tol, 0.0)
         _check_real("reg_covar", self.reg_covar, 0.0)
         if self.covariance_type not in COVARIANCE_TYPES:
