@@ -71,6 +71,15 @@ def _combine(combine: Callable[[Any, Any], Any], *parts: BlockResult) -> BlockRe
     return BlockResult(value, sum(p.n_bad for p in parts), bad_rows)
 
 
+def _run_link(link: Callable[..., Any], runs: Any, block: Any, offset: int, payload: _Literal) -> Any:
+    return link(runs.value if isinstance(runs, _Literal) else runs, block, offset, payload.value)
+
+
+def _read_block(block: Any, gate: Any) -> Any:
+    """The chunk of a one-chunk dask array, read in this task (``gate`` only orders it)."""
+    return block.value.compute(scheduler="sync")
+
+
 class _Literal:
     """A payload Dask passes to tasks as it is: not searched for Dask objects."""
 
@@ -85,6 +94,9 @@ class _Literal:
 #: an empty pass 30 -> 20 ms on 2 workers); a larger one is one task whose
 #: result the workers fetch. Local threads share it as it is.
 EMBED_PAYLOAD_BYTES = 4 * 2**20
+
+#: How many chunks an online pass reads ahead of the chunk being processed.
+READ_AHEAD = 2
 
 
 def _run_group(
@@ -186,7 +198,8 @@ class DataPasses:
                 for i in range(0, len(level), tree.FAN_IN)
             ]
         self.tasks_per_pass = len(set().union(*(task.__dask_graph__().keys() for task in level)))
-        result = tree.root(tree.merge(node_combine, n_chunks, *self._compute(level, group_tasks)))
+        sizes = {task.key: stop - start for task, (start, stop) in zip(group_tasks, self.groups)}
+        result = tree.root(tree.merge(node_combine, n_chunks, *self._compute(level, group_tasks, sizes)))
         self.n_passes += 1
         if result.n_bad:
             lo, hi = result.bad_rows
@@ -223,21 +236,65 @@ class DataPasses:
                 len(self.blocks),
             )
 
-    def _compute(self, level: list[Any], group_tasks: list[Any]) -> list[Any]:
-        """One ``compute`` of the tasks in ``level``; with ``progress``, a bar over the chunks."""
+    def chain(self, link: Callable[..., Any], runs: list[Any], family: Any, settings: Any, pass_seed: int) -> list[Any]:
+        """One online pass: ``link(runs, chunk, offset, payload)`` over the chunks, one after another.
+
+        The chunks are visited in an order shuffled by ``pass_seed`` (with
+        ``settings.shuffle``, else in storage order); each link's task gets
+        the runs the previous one returned, so the tasks form a chain, run
+        where the chunk lives when it is persisted. Chunk reads are tasks of
+        their own, ready ahead of the chain but at most
+        :data:`READ_AHEAD` chunks ahead of it (each read waits for the link
+        that many places before its own), so a pass holds at most
+        ``READ_AHEAD + 1`` chunks in memory. ``payload`` is ``(family,
+        settings, chunk, pass_seed, the chunk's block statistics of each
+        run)``. Returns the runs after the last chunk, their block
+        statistics (``run.blocks``) replaced by what the links returned.
+        """
+        n_chunks = len(self.blocks)
+        order = np.random.RandomState(pass_seed).permutation(n_chunks) if settings.shuffle else np.arange(n_chunks)
+        state: Any = _Literal([run.travelling() for run in runs])
+        links: list[Any] = []
+        for j, chunk in enumerate(int(i) for i in order):
+            block, home = self.blocks[chunk], self.homes[chunk]
+            if home is None:  # not held by a worker: read it in a task of its own, gated
+                gate = links[j - READ_AHEAD][1] if j >= READ_AHEAD else None
+                block = dask.delayed(_read_block, pure=False)(_Literal(self.data.array.blocks[chunk]), gate)
+            payload = _Literal((family, settings, chunk, pass_seed, [run.blocks.get(chunk, {}) for run in runs]))
+            where = dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
+            with where:
+                links.append(dask.delayed(_run_link, pure=False, nout=2)(link, state, block, int(self.offsets[chunk]), payload))
+            state = links[-1][0]
+        self.tasks_per_pass = len(links[-1].__dask_graph__()) if links else 0
+        results = self._compute(links, links, {task.key: 1 for task in links}) if links else []
+        final = results[-1][0] if results else [run.travelling() for run in runs]
+        for run, previous in zip(final, runs):
+            run.blocks = dict(previous.blocks)
+        for chunk, (_, new_blocks) in zip(order, results):
+            for run, blocks in zip(final, new_blocks):
+                if blocks:
+                    run.blocks[int(chunk)] = blocks
+        self.n_passes += 1
+        return final
+
+    def _compute(self, level: list[Any], tick_tasks: list[Any], sizes: dict[Any, int]) -> list[Any]:
+        """One ``compute`` of the tasks in ``level``; with ``progress``, a bar over the chunks.
+
+        ``sizes`` maps the key of each of ``tick_tasks`` to the chunks it
+        covers: the bar moves as they finish.
+        """
         if not self.progress:
             with self._blas_limits():
                 return list(dask.compute(*level, scheduler=self.scheduler, optimize_graph=False))
         from tqdm import tqdm
 
-        sizes = {task.key: stop - start for task, (start, stop) in zip(group_tasks, self.groups)}
         with tqdm(total=len(self.blocks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
             if is_client(self.scheduler):
                 from distributed import as_completed
 
                 # Group results are small partial sums: returning them as
                 # well lets us count finished chunks as they arrive.
-                futures = self.scheduler.compute([*level, *group_tasks], optimize_graph=False)
+                futures = self.scheduler.compute([*level, *tick_tasks], optimize_graph=False)
                 for future in as_completed(futures[len(level) :]):
                     bar.update(sizes[future.key])
                 return self.scheduler.gather(futures[: len(level)])

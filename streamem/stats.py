@@ -3,7 +3,8 @@
 Every model's E-step over a block of rows produces a :class:`SuffStats`; the
 statistics of a union of blocks are the sum of the blocks' statistics. Batch
 EM sums them over all chunks and map-reduce jobs write them to disk and add
-them later; stepwise and incremental EM will combine them the same way.
+them later; stepwise EM averages them with weights and incremental EM
+subtracts a mini-batch's old statistics before adding its new ones.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ class SuffStats:
         if self.arrays.keys() != other.arrays.keys():
             raise ValueError(f"cannot add statistics with fields {sorted(self.arrays)} and {sorted(other.arrays)}")
         return SuffStats({k: v + other.arrays[k] for k, v in self.arrays.items()})
+
+    def __sub__(self, other: "SuffStats") -> "SuffStats":
+        return self + other * -1.0
+
+    def __mul__(self, factor: float) -> "SuffStats":
+        """Every array times ``factor`` (stepwise EM's weighted averages)."""
+        return SuffStats({k: v * factor for k, v in self.arrays.items()})
 
     @property
     def n(self) -> float:

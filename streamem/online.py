@@ -1,0 +1,296 @@
+"""Online EM over chunks: stepwise (Cappé & Moulines 2009) and incremental (Neal & Hinton 1998).
+
+One *online pass* reads every chunk once, in a shuffled order. Inside the
+task that holds a chunk, its mini-batches are processed one after another:
+an E-step of the mini-batch under the current parameters, an update of the
+running statistics, an M-step. The small state (running statistics, their
+centre, the parameters and the step counter) travels from one chunk's task
+to the next, so the tasks form a chain; the chunk reads are separate tasks
+that run ahead of it (at most :data:`READ_AHEAD` chunks ahead).
+
+Stepwise EM keeps averaged statistics ``s``, per row::
+
+    s <- (1 - eta_t) s + eta_t * s_batch / n_batch,   eta_t = (t + step_offset) ** -step_decay
+
+(or a constant ``eta``). Incremental EM keeps the last statistics of every
+mini-batch and their sum ``S``; revisiting a mini-batch replaces its share,
+``S <- S - s_old + s_new``, which never decreases the free energy.
+
+Gaussian statistics are centred at the component means of their E-step
+(DESIGN.md section 2); the means change after every mini-batch, so statistics
+are moved exactly to a common centre (:meth:`GaussianFamily.recentre`) before
+they are combined.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from streamem.backend import to_numpy
+from streamem.stats import SuffStats
+
+ALGORITHMS = ("batch", "stepwise", "incremental")
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """How an online pass updates the model.
+
+    Parameters
+    ----------
+    algorithm : {"stepwise", "incremental"}
+    batch_size : int
+        Rows per mini-batch at most; each chunk is cut into
+        ``ceil(rows / batch_size)`` mini-batches of (nearly) equal size.
+    step_decay, step_offset : float
+        Stepwise step sizes ``eta_t = (t + step_offset) ** -step_decay``.
+    step_size : float or None
+        A constant step instead (for drifting data).
+    shuffle : bool
+        Visit chunks in an order shuffled per pass and, for stepwise, the
+        rows of a chunk in a shuffled order; otherwise storage order.
+    """
+
+    algorithm: str = "stepwise"
+    batch_size: int = 2000
+    step_decay: float = 0.6
+    step_offset: float = 2.0
+    step_size: float | None = None
+    shuffle: bool = True
+
+    def eta(self, t: int) -> float:
+        if self.step_size is not None:
+            return float(self.step_size)
+        return float((t + self.step_offset) ** -self.step_decay)
+
+
+@dataclass(eq=False)
+class OnlineRun:
+    """The state one run carries from mini-batch to mini-batch, and across passes.
+
+    ``stats`` are centred at ``center`` (the means of their last E-step):
+    stepwise, averaged per row; incremental, the sum of every mini-batch's
+    last statistics. ``blocks`` (incremental only) maps a chunk to the last
+    statistics of each of its mini-batches and their centres; it stays on
+    the client between passes and each chunk's task receives only its own
+    entries, so the state that travels along the chain stays small.
+    """
+
+    params: Any
+    stats: SuffStats | None = None
+    center: np.ndarray | None = None
+    n_steps: int = 0
+    pass_loglik: float = 0.0
+    pass_rows: float = 0.0
+    blocks: dict[int, "BlockStats"] = field(default_factory=dict)
+
+    def travelling(self) -> "OnlineRun":
+        """A copy without the per-block statistics and with the pass sums reset."""
+        return replace(self, blocks={}, pass_loglik=0.0, pass_rows=0.0)
+
+
+def batches_of_chunk(n_rows: int, settings: OnlineSettings, chunk: int, pass_seed: int) -> list[tuple[int, np.ndarray]]:
+    """``(index, row positions)`` of each mini-batch of one chunk, in the order they are visited.
+
+    The chunk is cut into ``ceil(n_rows / batch_size)`` mini-batches of
+    nearly equal size. Stepwise with ``shuffle``: the rows are first
+    permuted by a generator seeded from ``(pass_seed, chunk)``. Incremental:
+    contiguous mini-batches (a mini-batch must hold the same rows in every
+    pass), visited in an order shuffled the same way. Without ``shuffle``:
+    storage order.
+    """
+    if n_rows == 0:
+        return []
+    n_batches = math.ceil(n_rows / settings.batch_size)
+    rng = np.random.default_rng([pass_seed, chunk])
+    if settings.shuffle and settings.algorithm == "stepwise":
+        return list(enumerate(np.array_split(rng.permutation(n_rows), n_batches)))
+    batches = list(enumerate(np.array_split(np.arange(n_rows), n_batches)))
+    if settings.shuffle:
+        batches = [batches[i] for i in rng.permutation(n_batches)]
+    return batches
+
+
+#: The last statistics of a chunk's mini-batches (by index) and the centre of each.
+BlockStats = dict[int, tuple[SuffStats, np.ndarray]]
+
+
+def online_link(
+    runs: list[OnlineRun], block: Any, offset: int, payload: tuple
+) -> tuple[list[OnlineRun], list[BlockStats]]:
+    """Every mini-batch of one chunk, for every run: the chain's per-chunk task.
+
+    ``payload`` is ``(family, settings, chunk, pass_seed, old_blocks)`` with
+    ``old_blocks`` the incremental statistics of this chunk's mini-batches,
+    one dict per run. Returns the runs after the chunk and the chunk's new
+    mini-batch statistics (incremental; empty dicts for stepwise).
+    """
+    family, settings, chunk, pass_seed, old_blocks = payload
+    X = to_numpy(block)
+    _check_finite(X, offset)
+    runs = [replace(run) for run in runs]  # the previous link's result may be shared
+    new_blocks: list[BlockStats] = [{} for _ in runs]
+    for index, rows in batches_of_chunk(len(X), settings, chunk, pass_seed):
+        contiguous = settings.algorithm == "incremental" or not settings.shuffle
+        Xb = X[rows[0] : rows[-1] + 1] if contiguous else X[rows]
+        for run, old, new in zip(runs, old_blocks, new_blocks):
+            new[index] = _update(run, family, settings, Xb, old.get(index))
+    if settings.algorithm == "stepwise":
+        new_blocks = [{} for _ in runs]
+    return runs, new_blocks
+
+
+def _check_finite(X: np.ndarray, offset: int) -> None:
+    if X.size and not np.isfinite(X).all():
+        bad = ~np.isfinite(X)
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"X contains {int(bad.sum())} non-finite values (NaN or inf) in rows "
+            f"{offset + int(rows[0])} to {offset + int(rows[-1])}; remove or impute them before fitting"
+        )
+
+
+def _update(
+    run: OnlineRun, family: Any, settings: OnlineSettings, Xb: np.ndarray, old: tuple[SuffStats, np.ndarray] | None
+) -> tuple[SuffStats, np.ndarray]:
+    """One mini-batch: E-step, update of the running statistics, M-step.
+
+    Returns the mini-batch's statistics and their centre (kept by incremental EM).
+    """
+    params = run.params
+    centre = params.means
+    batch = family.chunk_stats(Xb, params)  # centred at params.means
+    run.pass_loglik += batch.loglik
+    run.pass_rows += batch.n
+    if settings.algorithm == "stepwise":
+        if run.stats is None:
+            run.stats, run.center = stats_of_params(family, params), centre
+        eta = settings.eta(run.n_steps)
+        run.stats = recentre(family, run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
+    else:
+        total = batch if run.stats is None else recentre(family, run.stats, run.center, centre) + batch
+        if old is not None:
+            total = total - recentre(family, old[0], old[1], centre)
+        run.stats = total
+    run.center = centre
+    run.params = family.m_step(run.stats, centre)
+    run.n_steps += 1
+    return batch, centre
+
+
+# ---------------------------------------------------------------- statistics
+# Gaussian-specific: these move into the family with the family protocol.
+def recentre(family: Any, stats: SuffStats, old: np.ndarray, new: np.ndarray) -> SuffStats:
+    """The same statistics centred at ``new`` instead of ``old`` (both (K, d)), exactly.
+
+    With ``delta = old - new``: ``s1' = s1 + nk delta`` and
+    ``S2' = S2 + delta s1^T + s1 delta^T + nk delta delta^T`` (summed over
+    components for tied; the diagonal only for diag and spherical).
+    """
+    delta = old - new
+    if not delta.any():
+        return stats
+    nk, s1, s2 = stats["nk"], stats["s1"], stats["s2"]
+    if family.covariance_type in ("full", "tied"):
+        cross = np.einsum("ki,kj->kij", s1, delta)
+        shift = cross + cross.swapaxes(1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
+        s2 = s2 + (shift.sum(axis=0) if family.covariance_type == "tied" else shift)
+    else:
+        s2 = s2 + 2.0 * delta * s1 + nk[:, None] * delta**2
+    return SuffStats({**stats.arrays, "s1": s1 + nk[:, None] * delta, "s2": s2})
+
+
+def stats_of_params(family: Any, params: Any) -> SuffStats:
+    """Statistics of one row's worth of data, centred at the means, whose M-step gives ``params``.
+
+    Stepwise EM starts from them: the initial parameters weigh as one
+    mini-batch, and their weight decays as the steps go on.
+    """
+    w, cov = params.weights / params.weights.sum(), params.covariances
+    K, d = params.means.shape
+    ct = family.covariance_type
+    if ct == "full":
+        s2 = w[:, None, None] * (cov - family.reg_covar * np.eye(d))
+    elif ct == "tied":
+        s2 = cov - family.reg_covar * np.eye(d)
+    elif ct == "diag":
+        s2 = w[:, None] * (cov - family.reg_covar)
+    else:
+        s2 = w[:, None] * np.repeat((cov - family.reg_covar)[:, None], d, axis=1)
+    arrays = {"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "s1": np.zeros((K, d)), "s2": s2}
+    return SuffStats(arrays)
+
+
+# -------------------------------------------------------------------- driver
+def online_em(
+    passes: Any,
+    family: Any,
+    runs: list[OnlineRun],
+    settings: OnlineSettings,
+    *,
+    tol: float,
+    max_iter: int,
+    rng: np.random.RandomState,
+    monitor: str = "online",
+    callback: Any = None,
+    start_pass: int = 0,
+    log_every: int = 1,
+) -> list[tuple[OnlineRun, list[float], bool, int]]:
+    """Online EM for several runs at once, sharing one chain of chunk tasks per pass.
+
+    ``max_iter`` counts passes. After each pass, a run's mean log-likelihood
+    is the average over the pass's rows of each mini-batch's log-likelihood
+    under the parameters of its E-step (``monitor="online"``: free, but not
+    the batch objective, since the parameters changed during the pass), or
+    the log-likelihood of all rows under the parameters at the end of the
+    pass (``monitor="exact"``: one more data pass). A run stops when that
+    changes by less than ``tol``. Returns, per run, the run, its bounds per
+    pass, whether it converged and the passes made.
+    """
+    import logging
+    import time
+
+    logger = logging.getLogger("streamem")
+    bounds: list[list[float]] = [[] for _ in runs]
+    converged = [False] * len(runs)
+    n_pass = [start_pass] * len(runs)
+    for pass_index in range(start_pass + 1, max_iter + 1):
+        active = [i for i in range(len(runs)) if not converged[i]]
+        if not active:
+            break
+        tic = time.perf_counter()
+        pass_seed = int(rng.randint(2**31 - 1))
+        new_runs = passes.chain(online_link, [runs[i] for i in active], family, settings, pass_seed)
+        if monitor == "exact":
+            exact = passes.run(_loglik_of_models, (family, [r.params for r in new_runs]), _add_lists)
+        for j, (i, run) in enumerate(zip(active, new_runs)):
+            value = exact[j] / passes.data.n_samples if monitor == "exact" else run.pass_loglik / max(run.pass_rows, 1.0)
+            previous = bounds[i][-1] if bounds[i] else -np.inf
+            bounds[i].append(value)
+            runs[i] = run
+            n_pass[i] = pass_index
+            converged[i] = abs(value - previous) < tol
+            if pass_index % log_every == 0 or converged[i] or pass_index == max_iter:
+                logger.info(
+                    "pass %d%s: mean log-likelihood %.10g (%s), change %.3g, %d steps, %.2f s",
+                    pass_index, f" (run {i})" if len(runs) > 1 else "", value,
+                    "exact" if monitor == "exact" else "online average", value - previous,
+                    run.n_steps, time.perf_counter() - tic,
+                )  # fmt: skip
+        if callback is not None:
+            callback(pass_index, runs, bounds, converged)
+    return [(run, b, c, n) for run, b, c, n in zip(runs, bounds, converged, n_pass)]
+
+
+def _loglik_of_models(block: Any, offset: int, payload: tuple) -> list[float]:
+    family, params_list = payload
+    X = to_numpy(block)
+    return [float(family.e_step(X, params)[0].sum()) if len(X) else 0.0 for params in params_list]
+
+
+def _add_lists(a: list[float], b: list[float]) -> list[float]:
+    return [x + y for x, y in zip(a, b)]
