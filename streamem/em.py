@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cloudpickle
 import dask
@@ -137,6 +138,42 @@ def _chunk_groups(homes: list[str | None], threads: dict[str, int]) -> list[tupl
 def add_elementwise(a: Sequence[SuffStats], b: Sequence[SuffStats]) -> list[SuffStats]:
     """Combine the statistics of several models, model by model."""
     return [x + y for x, y in zip(a, b)]
+
+
+class _SharedBlasLimit:
+    """``threadpool_limits(1)`` for as long as any pass in this process needs it.
+
+    BLAS thread counts are process-wide, so passes of fits running at once in
+    several threads share one limit: the first pass in sets it and the last
+    one out restores the counts the first one found. (Each pass entering
+    ``threadpool_limits`` on its own took a count another pass had lowered
+    for the original, and could leave OpenBLAS at 1 thread for good.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                from threadpoolctl import threadpool_limits
+
+                self._limiter = threadpool_limits(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+
+_ONE_BLAS_THREAD = _SharedBlasLimit()
 
 
 class DataPasses:
@@ -312,12 +349,11 @@ class DataPasses:
 
         (Measured: 1.5 s instead of 0.8 s per iteration at 1M x 16, K=8, on 2
         cores, from BLAS threads competing with the scheduler's.) Dask's
-        worker processes set this themselves.
+        worker processes set this themselves. Shared by the passes of all
+        fits running at once in this process (see ``_SharedBlasLimit``).
         """
         if self.scheduler in ("threads", "threading"):
-            from threadpoolctl import threadpool_limits
-
-            return threadpool_limits(1)
+            return _ONE_BLAS_THREAD()
         return contextlib.nullcontext()
 
 
