@@ -2,14 +2,32 @@
 
 A checkpoint is a directory::
 
+    PATH/streamem-checkpoint.json    the marker that makes PATH a checkpoint directory
     PATH/LATEST                      the name of the current state, replaced atomically
-    PATH/state-<iteration>-<id>.zarr an xarray Dataset: every run's parameters,
-                                     lower bounds, iteration, settings, data fingerprint
+    PATH/state-<iteration>-<owner>-<id>.zarr
+                                     an xarray Dataset: every run's parameters, lower
+                                     bounds, iteration, settings, data fingerprint
 
 A new state is written completely (and fsync'ed) before ``LATEST`` is
 switched to it by ``os.replace``; older states are deleted afterwards. A kill
 at any moment therefore leaves ``LATEST`` naming a complete state: the
 previous one or the new one.
+
+What a fit may touch. A checkpoint is written only into a directory that is
+new, empty, or already a checkpoint directory (the marker, or the ``LATEST``
++ ``state-*.zarr`` layout of streamem before the marker); anything else is
+refused with a ValueError before anything is written. A fit removes only
+entries the checkpoint code wrote (``state-*.zarr``, ``LATEST.tmp-*`` and
+their temporaries), never other files, even in a checkpoint directory.
+
+Fits sharing a directory each work: ``<owner>`` names the host, process and
+thread that wrote a state. A fit removes its own older entries and those of
+owners that are gone (a process of this host that no longer runs, a thread
+of this process that has ended), never those of a live fit and never the
+state ``LATEST`` names. ``LATEST`` names the state of whichever fit saved
+last, so resuming from a shared directory continues that fit (another fit's
+settings are refused as usual). A state of a fit on another host, or of a
+finished fit in a thread that still runs, stays until its owner saves again.
 """
 
 from __future__ import annotations
@@ -17,7 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import threading
 import uuid
 from typing import Any
 
@@ -28,49 +49,210 @@ import xarray as xr
 from streamem.backend import to_numpy
 from streamem.data import InputData
 from streamem.em import EMRun
-from streamem.io import FORMAT_VERSION, params_dataset, write_dataset
+from streamem.io import FORMAT_VERSION, json_value, open_dataset, params_dataset, write_dataset
 
 FORMAT_NAME = "streamem-checkpoint"
+#: The file that marks a directory as a streamem checkpoint directory.
+MARKER = "streamem-checkpoint.json"
 _POINTER = "LATEST"
-
+_OWNER = r"h(?P<host>[0-9a-f]{8})-p(?P<pid>\d+)-t(?P<tid>\d+)"
+#: States, and the temporaries of their atomic writes (``io.atomic_write``).
+_STATE_RE = re.compile(rf"state-\d+-(?:{_OWNER}-)?[0-9a-f]{{8}}\.zarr(?:\.(?:tmp|old)-[0-9a-f]{{8}})?")
+_POINTER_TMP_RE = re.compile(rf"{_POINTER}\.tmp-(?:{_OWNER}-)?[0-9a-f]{{8}}")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 #: Rows at each end of the data whose values go into the fingerprint.
 FINGERPRINT_ROWS = 16
+#: Estimator settings compared as they are (after conversion to JSON).
+_PLAIN_SETTINGS = ("n_components", "covariance_type", "tol", "reg_covar", "n_init", "init_params", "init_sample_size", "dtype")
 
 
+# ---------------------------------------------------------------- what must match on resume
 def data_fingerprint(data: InputData, scheduler: Any = "threads") -> dict[str, Any]:
-    """What identifies the data: shape, dtype, row chunks, source, store metadata,
+    """What identifies the data: shape, dtype, row chunks, location, store metadata,
     and a hash of the first and last :data:`FINGERPRINT_ROWS` rows.
 
-    The values of rows in between are not read (that would cost a pass):
-    data rewritten in place with the same shape and the same first and last
-    rows are not told apart.
+    The location is normalised (``data.zarr``, ``./data.zarr/`` and the
+    absolute path are the same data). The values of rows in between are not
+    read (that would cost a pass): data rewritten in place with the same
+    shape and the same first and last rows are not told apart.
     """
     a = data.array
     head, tail = dask.compute(a[:FINGERPRINT_ROWS], a[-FINGERPRINT_ROWS:], scheduler=scheduler)
     values = hashlib.sha256(to_numpy(head).tobytes() + to_numpy(tail).tobytes()).hexdigest()[:16]
     return {
-        "shape": list(a.shape),
+        "shape": [int(n) for n in a.shape],
         "dtype": str(a.dtype),
         "row_chunks": hashlib.sha256(np.asarray(a.chunks[0]).tobytes()).hexdigest()[:16],
-        "source": data.source,
-        "store": json.dumps(data.store_meta, sort_keys=True, default=str),
+        "source": _location(data.source),
+        "store": _store_meta_json(data.store_meta),
         "values": values,
     }
 
 
+def _location(source: Any) -> Any:
+    """A store location in one spelling: absolute and normalised for local paths.
+
+    Idempotent, and kept apart from how :mod:`streamem.data` spells sources.
+    ``"array"`` (in-memory input) and URLs other than ``file://`` are kept.
+    """
+    if not isinstance(source, str) or source == "array":
+        return source
+    if source.startswith("file://"):
+        return "file://" + os.path.normpath(os.path.abspath(source[len("file://") :]))
+    if "://" in source:
+        return source.rstrip("/")
+    return os.path.normpath(os.path.abspath(source))
+
+
+def _store_meta_json(meta: dict[str, Any]) -> str:
+    meta = {k: _location(v) if k in ("path", "store") else v for k, v in meta.items()}
+    return json.dumps(meta, sort_keys=True, default=str)
+
+
 def fit_settings(model: Any) -> dict[str, Any]:
-    """The estimator settings a resumed fit must share with the checkpointed one."""
-    settings: dict[str, Any] = {}
-    for name in ("n_components", "covariance_type", "tol", "reg_covar", "n_init", "init_params", "init_sample_size", "dtype"):
-        settings[name] = getattr(model, name)
-    settings["random_state"] = model.random_state if isinstance(model.random_state, (int, type(None))) else "instance"
+    """The estimator settings a resumed fit must share with the checkpointed one, as JSON values.
+
+    numpy scalars become Python numbers and dtypes their names, so that
+    ``n_components=np.int64(3)`` and ``3`` are the same setting.
+
+    Raises
+    ------
+    TypeError
+        A setting has no JSON form; raised here, before any work is done.
+    """
+    settings = {name: _setting(name, getattr(model, name)) for name in _PLAIN_SETTINGS}
+    random_state = model.random_state
+    is_instance = isinstance(random_state, (np.random.RandomState, np.random.Generator))
+    settings["random_state"] = "instance" if is_instance else _setting("random_state", random_state)
     for name in ("weights_init", "means_init", "precisions_init"):
         value = getattr(model, name)
         settings[name] = None if value is None else hashlib.sha256(np.asarray(value, dtype=np.float64).tobytes()).hexdigest()[:16]
+    json.dumps(settings)  # cannot fail after the conversions above: checked anyway, before any work
     return settings
 
 
+def _setting(name: str, value: Any) -> Any:
+    try:
+        return json_value(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} cannot be stored in a checkpoint: allowed are numbers, strings, None and dtypes") from None
+
+
+# ---------------------------------------------------------------- the directory
+def checkpoint_exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a checkpoint state.
+
+    Raises
+    ------
+    ValueError
+        ``path`` exists but is not a directory a checkpoint may use.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        _check_directory(path)
+    return os.path.isfile(os.path.join(path, _POINTER))
+
+
+def prepare_checkpoint(path: str | os.PathLike) -> None:
+    """Make ``path`` a checkpoint directory: create it (and its marker) or check it may be used.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is a file, or a directory that holds other things and is not
+        a streamem checkpoint directory.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if _check_directory(path):
+        return
+    try:
+        with open(os.path.join(path, MARKER), "x") as fh:
+            json.dump({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}, fh)
+    except FileExistsError:  # another fit made it first
+        pass
+
+
+def _check_directory(path: str) -> bool:
+    """Refuse what a checkpoint may not use; return whether ``path`` already has the marker."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint={path!r} is not a directory; give a new, empty or checkpoint directory")
+    entries = os.listdir(path)
+    if MARKER in entries:
+        return True
+    foreign = sorted(e for e in entries if e != _POINTER and not _STATE_RE.fullmatch(e) and not _POINTER_TMP_RE.fullmatch(e))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"checkpoint={path!r} is neither empty nor a streamem checkpoint directory: it holds {shown}; "
+            "a checkpoint removes its own old states, so give it a new or empty directory"
+        )
+    return False
+
+
+def _owner() -> str:
+    return f"h{_HOST}-p{os.getpid()}-t{threading.get_native_id()}"
+
+
+def _removable(match: re.Match[str]) -> bool:
+    """Whether a state or pointer temporary can go: it is ours, or its owner is gone.
+
+    Entries without an owner were written by streamem before owners were
+    recorded (only one fit then used a directory).
+    """
+    if match.group("host") is None:
+        return True
+    if match.group("host") != _HOST:
+        return False  # another machine's: we cannot tell whether its fit still runs
+    pid, tid = int(match.group("pid")), int(match.group("tid"))
+    if pid != os.getpid():
+        return not _process_alive(pid)
+    # One thread runs one fit at a time, so this thread's older entries are done with.
+    if tid == threading.get_native_id():
+        return True
+    # Another thread's: gone once the thread has ended (known on Linux only).
+    return os.path.isdir("/proc/self/task") and not os.path.exists(f"/proc/self/task/{tid}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale(path: str, keep: str) -> None:
+    """Remove the checkpoint entries that are no longer needed (see the module docstring)."""
+    current = _read_pointer(path)
+    for entry in os.listdir(path):
+        if entry in (keep, current):
+            continue
+        match = _STATE_RE.fullmatch(entry) or _POINTER_TMP_RE.fullmatch(entry)
+        if match is None or not _removable(match):
+            continue
+        stale = os.path.join(path, entry)
+        if os.path.isdir(stale):
+            shutil.rmtree(stale, ignore_errors=True)  # another fit may be removing it too
+        else:
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
+
+
+def _read_pointer(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, _POINTER)) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------- save and load
 def save_checkpoint(
     path: str | os.PathLike,
     runs: list[EMRun],
@@ -79,9 +261,15 @@ def save_checkpoint(
     settings: dict[str, Any],
     fingerprint: dict[str, Any],
 ) -> None:
-    """Write a new state of every run and make it the current one."""
+    """Write a new state of every run and make it the current one.
+
+    Raises
+    ------
+    ValueError
+        ``path`` may not be used (see :func:`prepare_checkpoint`).
+    """
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    prepare_checkpoint(path)
     max_len = max(len(r.lower_bounds) for r in runs)
     ds = xr.concat([params_dataset(r.params, covariance_type) for r in runs], dim="run")
     bounds = np.full((len(runs), max_len), np.nan)
@@ -98,9 +286,10 @@ def save_checkpoint(
         "settings": json.dumps(settings, sort_keys=True),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
-    name = f"state-{iteration:06d}-{uuid.uuid4().hex[:8]}.zarr"
+    owner = _owner()
+    name = f"state-{iteration:06d}-{owner}-{uuid.uuid4().hex[:8]}.zarr"
     write_dataset(ds, os.path.join(path, name), overwrite=False)
-    pointer_tmp = os.path.join(path, f"{_POINTER}.tmp-{uuid.uuid4().hex[:8]}")
+    pointer_tmp = os.path.join(path, f"{_POINTER}.tmp-{owner}-{uuid.uuid4().hex[:8]}")
     with open(pointer_tmp, "w") as fh:
         fh.write(name)
         fh.flush()
@@ -111,18 +300,25 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for entry in os.listdir(path):
-        stale = os.path.join(path, entry)
-        if entry in (name, _POINTER):
-            continue
-        if os.path.isdir(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.remove(stale)
+    _remove_stale(path, keep=name)
 
 
-def checkpoint_exists(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), _POINTER))
+#: How often a load follows ``LATEST`` when a concurrent fit replaced the state it named.
+_LOAD_ATTEMPTS = 5
+
+
+def _open_current(path: str) -> xr.Dataset:
+    for attempt in range(_LOAD_ATTEMPTS):
+        name = _read_pointer(path)
+        if name is None:
+            raise FileNotFoundError(f"checkpoint {path!r} holds no state ({_POINTER} is missing)")
+        try:
+            return open_dataset(os.path.join(path, name), FORMAT_NAME)
+        except (FileNotFoundError, ValueError):
+            # A fit sharing the directory may have moved on and removed that state.
+            if attempt == _LOAD_ATTEMPTS - 1 or _read_pointer(path) == name:
+                raise
+    raise AssertionError("unreachable")
 
 
 def load_checkpoint(
@@ -133,13 +329,13 @@ def load_checkpoint(
     Returns the runs as (parameter arrays, lower_bound, lower_bounds, n_iter,
     converged) and the iteration the state was saved after.
     """
-    from streamem.io import open_dataset
-
     path = os.fspath(path)
-    with open(os.path.join(path, _POINTER)) as fh:
-        name = fh.read().strip()
-    ds = open_dataset(os.path.join(path, name), FORMAT_NAME)
+    ds = _open_current(path)
     saved_fp = json.loads(ds.attrs["fingerprint"])
+    # States of older streamem spelled the location as given: compare normalised.
+    saved_fp["source"] = _location(saved_fp.get("source"))
+    if isinstance(saved_fp.get("store"), str):
+        saved_fp["store"] = _store_meta_json(json.loads(saved_fp["store"]))
     if saved_fp != fingerprint:
         diff = sorted(k for k in set(saved_fp) | set(fingerprint) if saved_fp.get(k) != fingerprint.get(k))
         raise ValueError(f"checkpoint {path!r} was made for other data (differs in: {', '.join(diff)}); refusing to resume")

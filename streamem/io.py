@@ -3,16 +3,21 @@
 A model store holds the parameters as variables with named dimensions
 (``component``, ``feature``, ``feature_``), the input's feature coordinate
 when it had one, and provenance in the attributes. Writes go to a temporary
-name next to the target and are renamed into place, so a reader sees the old
-store or the new one, never half of one.
+name next to the target and are swapped into place (:func:`atomic_write`),
+and :func:`open_dataset` reads again a store swapped while it read, so a
+reader sees the old store or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import numbers
 import os
 import shutil
+import sys
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -57,31 +62,150 @@ def params_dataset(params: Any, covariance_type: str, feature_coord: np.ndarray 
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool) -> None:
-    """Call ``write(tmp)`` for a temporary path beside ``path``, then rename it into place.
+    """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place.
 
-    An existing ``path`` is refused unless ``overwrite``; it is replaced only
-    after the new store is complete.
+    An existing ``path`` is refused (FileExistsError) unless ``overwrite``;
+    it is replaced only after the new store is complete and on disk.
+
+    On Linux the new store is swapped in with ``renameat2(RENAME_EXCHANGE)``
+    (and created with ``RENAME_NOREPLACE``): at every moment ``path`` holds
+    the old store or the new one, concurrent writers each either win (the
+    last swap stays) or are refused (``overwrite=False``), and nothing is
+    left beside ``path``. A reader that is inside the old store when it is
+    swapped out may see it removed under it: :func:`open_dataset` notices
+    and reads again. Where ``renameat2`` is missing (other systems, some
+    file systems) two renames are used instead: for a moment there is no
+    store at ``path``, and two concurrent creators may both succeed (the
+    later one wins).
     """
-    path = os.fspath(path).rstrip(os.sep)
-    if os.path.exists(path) and not overwrite:
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write {path!r}: directory {parent!r} does not exist")
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    old = f"{path}.old-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
         _fsync_tree(tmp)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
+        stale = _install(tmp, path) if overwrite else _create(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old) and not os.path.exists(path):
-            os.replace(old, path)
+        _remove(tmp)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
+    for old in stale:
+        _remove(old)
+
+
+#: renameat2 flags (linux/fs.h) and the "current directory" descriptor.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+#: How often an overwrite retries when concurrent writers keep taking the path.
+_INSTALL_ATTEMPTS = 100
+
+
+def _load_renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def _rename2(src: str, dst: str, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the system or file system lacks it.
+
+    Raises OSError (FileNotFoundError, FileExistsError, ...) for other failures.
+    """
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def _create(tmp: str, path: str) -> list[str]:
+    """Move ``tmp`` to ``path``, refusing an existing ``path``; returns nothing to remove."""
+    refused = FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
+    try:
+        if _rename2(tmp, path, _RENAME_NOREPLACE):
+            return []
+    except FileExistsError:
+        raise refused from None
+    # Fallback: a writer that creates ``path`` between this check and the rename may be replaced.
+    if os.path.lexists(path):
+        raise refused
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if os.path.lexists(path):
+            raise refused from None
+        raise
+    return []
+
+
+def _install(tmp: str, path: str) -> list[str]:
+    """Put ``tmp`` at ``path`` whatever is there; returns where the replaced store now is."""
+    for _ in range(_INSTALL_ATTEMPTS):
+        try:
+            if _rename2(tmp, path, _RENAME_EXCHANGE):
+                return [tmp]  # the old store now lives at the temporary name
+            return _install_by_two_renames(tmp, path)
+        except FileNotFoundError:  # nothing at ``path`` to exchange with
+            pass
+        try:
+            if _rename2(tmp, path, _RENAME_NOREPLACE):
+                return []
+            return _install_by_two_renames(tmp, path)
+        except FileExistsError:  # another writer got there first: exchange with its store
+            continue
+    raise OSError(f"cannot replace {path!r}: other writers kept replacing it ({_INSTALL_ATTEMPTS} attempts)")
+
+
+def _install_by_two_renames(tmp: str, path: str) -> list[str]:
+    """Move the old store aside, then ``tmp`` into place (a moment without a store)."""
+    moved: list[str] = []
+    try:
+        for _ in range(_INSTALL_ATTEMPTS):
+            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(path, old)
+                moved.append(old)
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(tmp, path)
+                return moved
+            except OSError:
+                if not os.path.lexists(path):
+                    raise
+                # Another writer put its store there in between: move that aside too.
+        raise OSError(f"cannot replace {path!r}: other writers kept replacing it ({_INSTALL_ATTEMPTS} attempts)")
+    except BaseException:
+        if moved and not os.path.lexists(path):
+            os.rename(moved.pop(), path)  # put the newest old store back
+        for old in moved:
+            _remove(old)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_tree(root: str) -> None:
@@ -93,6 +217,15 @@ def _fsync_tree(root: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    # The rename itself must be on disk too.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _checksums(ds: xr.Dataset) -> dict[str, str]:
@@ -112,9 +245,40 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool, c
     atomic_write(path, lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False), overwrite=overwrite)
 
 
+#: How often :func:`open_dataset` reads again a store that was replaced while it read it.
+_OPEN_ATTEMPTS = 20
+
+
 def open_dataset(path: str | os.PathLike, what: str = FORMAT_NAME) -> xr.Dataset:
-    """Open a store written by streamem, checking format name, version and checksums."""
+    """Open a store written by streamem, checking format name, version and checksums.
+
+    A store replaced while it is read (:func:`atomic_write` by another
+    process) is read again, so the result is the old store or the new one.
+    """
     path = os.fspath(path)
+    for attempt in range(_OPEN_ATTEMPTS):
+        before = _identity(path)
+        try:
+            ds = _open_once(path, what)
+        except (FileNotFoundError, ValueError):
+            if attempt == _OPEN_ATTEMPTS - 1 or before is None or _identity(path) == before:
+                raise
+            continue
+        if attempt == _OPEN_ATTEMPTS - 1 or _identity(path) == before:
+            return ds
+    raise AssertionError("unreachable")
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    """What changes when a store is swapped for another (None: nothing there)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _open_once(path: str, what: str) -> xr.Dataset:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
     try:
@@ -159,7 +323,7 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
         "format_version": FORMAT_VERSION,
         "streamem_version": streamem.__version__,
         "model_class": type(model).__name__,
-        "params": json.dumps({k: _jsonable(getattr(model, k)) for k in _STORED_PARAMS}),
+        "params": json.dumps({k: _jsonable(k, getattr(model, k)) for k in _STORED_PARAMS}),
         "n_features_in": int(model.n_features_in_),
         "feature_names_in": None if names is None else [str(n) for n in names],
         "n_iter": int(model.n_iter_),
@@ -209,11 +373,32 @@ def load_model(path: str | os.PathLike) -> Any:
     return model
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
+def json_value(value: Any) -> Any:
+    """``value`` as a JSON-native value: numpy scalars as Python numbers, dtypes by name.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not None, a bool, a string, a real number or a dtype.
+    """
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, (np.floating,)):
+    if isinstance(value, numbers.Real):
         return float(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return None  # e.g. a RandomState instance: not reproducible from a file
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return np.dtype(value).name
+    raise TypeError(f"{value!r} of type {type(value).__name__} has no JSON form")
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    """An estimator parameter for the model file (a RandomState instance is stored as None)."""
+    if isinstance(value, (np.random.RandomState, np.random.Generator)):
+        return None  # not reproducible from a file
+    try:
+        return json_value(value)
+    except TypeError:
+        raise TypeError(f"cannot save parameter {name}={value!r}: allowed are numbers, strings, None and dtypes") from None

@@ -22,7 +22,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import streamem
-from streamem.checkpoint import data_fingerprint, fit_settings, load_checkpoint
+from streamem.checkpoint import MARKER, data_fingerprint, fit_settings, load_checkpoint
 from workflow_helpers import REPO, assert_same_params, check_ok, check_usage_error, cli, inits, mixture_sample, quiet_fit, write_zarr
 
 RTOL = 1e-12
@@ -206,3 +206,6 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     assert model.n_iter_ == KILL_MAX_ITER
     assert_same_params(model, reference, RTOL)
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "data.zarr", "model.zarr"]
+    # The killed fits' states and temporaries went once their processes were gone: one state is left.
+    entries = sorted(os.listdir(ckpt))
+    assert len(entries) == 3 and entries[0] == "LATEST" and entries[1].startswith("state-") and entries[2] == MARKER, entries

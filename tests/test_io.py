@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import shutil
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -21,6 +23,7 @@ import zarr
 from numpy.testing import assert_allclose, assert_array_equal
 
 import streamem
+from streamem.io import open_dataset, write_dataset
 from workflow_helpers import COVARIANCE_TYPES, PARAM_ATTRS, inits, mixture_sample, pickle_traces, quiet_fit, sklearn_from
 
 N_ROWS = 3000
@@ -298,3 +301,106 @@ def test_save_into_a_missing_directory(fitted, tmp_path):
     with pytest.raises(FileNotFoundError):
         fitted.save(tmp_path / "no" / "such" / "model.zarr")
     assert _entries(tmp_path) == []
+
+
+def test_numpy_scalar_and_dtype_settings_round_trip(X, tmp_path):
+    """Estimator settings given as numpy scalars or a dtype are stored as what they mean, not dropped."""
+    model = _fit(X, "diag", n_components=np.int64(3), tol=np.float32(1e-3), random_state=np.int64(7), dtype=np.dtype("float32"))
+    model.save(tmp_path / "model.zarr")
+    loaded = streamem.load(tmp_path / "model.zarr")
+    assert loaded.random_state == 7 and loaded.dtype == "float32" and loaded.n_components == 3
+    assert loaded.tol == float(np.float32(1e-3))
+    assert_array_equal(loaded.predict(X), model.predict(X))
+
+
+# ------------------------------------------------- atomic overwrite under concurrency (issue 13, item 20)
+def _version_store(version: int) -> xr.Dataset:
+    return xr.Dataset({"v": ("x", np.full(64, version, dtype=np.int64))}, attrs={"version": version})
+
+
+def _read_version(path) -> int:
+    """The version of the store at ``path``, checked complete (format, checksums)."""
+    ds = open_dataset(path, "versioned")
+    assert (ds["v"].values == ds.attrs["version"]).all()
+    return int(ds.attrs["version"])
+
+
+def _run_concurrently(path, writers: list, n_readers: int = 2, seconds: float = 6.0) -> dict:
+    """Writers (callables) in threads while readers poll ``path``; returns what readers and writers met."""
+    stop = threading.Event()
+    seen: dict = {"checks": 0, "missing": 0, "opens": 0, "versions": set(), "errors": []}
+
+    def read():
+        while not stop.is_set():
+            seen["checks"] += 1
+            if not os.path.exists(path):
+                seen["missing"] += 1
+            elif seen["checks"] % 20 == 0:  # opening costs ~100 times a check
+                seen["opens"] += 1
+                try:
+                    seen["versions"].add(_read_version(path))
+                except Exception as exc:  # noqa: BLE001 - reported by the test
+                    seen["errors"].append(repr(exc))
+
+    def write(job):
+        try:
+            job()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            seen["errors"].append(f"writer: {exc!r}")
+
+    readers = [threading.Thread(target=read) for _ in range(n_readers)]
+    threads = [threading.Thread(target=write, args=(job,)) for job in writers]
+    for t in readers + threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not any(t.is_alive() for t in threads), "writers did not finish in time"
+    return seen
+
+
+def test_concurrent_overwrites_always_leave_an_old_or_new_store(tmp_path):
+    path = tmp_path / "store.zarr"
+    write_dataset(_version_store(0).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+
+    def writer(first):
+        def job():
+            for version in range(first, first + 10):
+                write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=True)
+        return job
+
+    seen = _run_concurrently(path, [writer(100 * w) for w in (1, 2, 3)])
+    assert not seen["errors"], seen["errors"][:5]
+    assert seen["missing"] == 0, f"no store at the path in {seen['missing']} of {seen['checks']} checks"
+    assert seen["checks"] > 200 and seen["opens"] > 10 and len(seen["versions"]) > 1
+    assert _read_version(path) in {109, 209, 309}  # a writer's last version
+    assert _entries(tmp_path) == ["store.zarr"]  # no .tmp-* or .old-* left
+
+
+def test_concurrent_creates_one_wins_the_others_are_refused(tmp_path):
+    path = tmp_path / "store.zarr"
+    results: list = []
+    start = threading.Barrier(4)
+
+    def create(version):
+        start.wait()
+        try:
+            write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+            results.append(version)
+        except FileExistsError:
+            results.append("refused")
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=create, args=(v,)) for v in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [r for r in results if r != "refused"]
+    assert len(results) == 4 and len(winners) == 1, results
+    assert _read_version(path) == winners[0]
+    assert _entries(tmp_path) == ["store.zarr"]
