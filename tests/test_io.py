@@ -404,3 +404,24 @@ def test_concurrent_creates_one_wins_the_others_are_refused(tmp_path):
     assert len(results) == 4 and len(winners) == 1, results
     assert _read_version(path) == winners[0]
     assert _entries(tmp_path) == ["store.zarr"]
+
+
+def test_without_renameat2_concurrent_overwrites_still_finish_cleanly(tmp_path, monkeypatch):
+    """The fallback (two renames) promises less - a moment without a store - but no errors and no leftovers."""
+    monkeypatch.setattr(streamem.io, "_RENAMEAT2", None)
+    path = tmp_path / "store.zarr"
+    write_dataset(_version_store(0).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+
+    def writer(first):
+        def job():
+            for version in range(first, first + 10):
+                write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=True)
+        return job
+
+    seen = _run_concurrently(path, [writer(100 * w) for w in (1, 2, 3)], n_readers=0)
+    assert not seen["errors"], seen["errors"][:5]
+    assert _read_version(path) in {109, 209, 309}
+    assert _entries(tmp_path) == ["store.zarr"]
+    with pytest.raises(FileExistsError):
+        write_dataset(_version_store(1).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+    assert _entries(tmp_path) == ["store.zarr"]
