@@ -5,22 +5,35 @@ Supported inputs: numpy arrays (and other in-memory array-likes), dask arrays,
 ``xarray.DataArray`` with dims (sample, feature) and an ``xarray.Dataset``
 with ``variable=``. Nothing here reads the data: checks that need the values
 (non-finite entries) happen in the first data pass of the EM driver.
+
+Zarr-backed input (paths, ``zarr.Array``, xarray opened from a path here) is
+read through :class:`CheckedZarrReader`: Zarr itself reads a chunk file that
+is not in the store as the fill value and lets a codec's error name neither
+array nor chunk, so every chunk read checks that its chunk files exist and
+names the array and the rows of a chunk that is missing or cannot be decoded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.sync import sync as zarr_sync
+from zarr.storage import LocalStore
 
 #: Rows per chunk when we chunk in-memory data.
 DEFAULT_CHUNK_ROWS = 65_536
+#: What a chunk file missing from a Zarr store means: an error, or the fill value.
+MISSING_CHUNKS = ("raise", "fill")
 
 
 @dataclass
@@ -40,7 +53,8 @@ class InputData:
     feature_coord : numpy.ndarray or None
         Values of the feature coordinate, when the input had one.
     source : str
-        A short description of where the data came from (for provenance).
+        Where the data came from (for provenance): the absolute, normalised
+        path of a local store, the store's URL otherwise, else ``"array"``.
     store_meta : dict
         Store metadata used to fingerprint the data (path, format).
     """
@@ -82,6 +96,7 @@ def load_data(
     variable: str | None = None,
     sample_dim: str | None = None,
     chunk_rows: int | None = None,
+    missing_chunks: str = "raise",
 ) -> InputData:
     """Validate ``X`` and return it as a row-chunked dask array.
 
@@ -97,6 +112,14 @@ def load_data(
     chunk_rows : int, optional
         Rows per chunk for in-memory input (default 65,536); for stored input
         the storage chunking is kept unless this is given.
+    missing_chunks : {"raise", "fill"}, default="raise"
+        What a chunk file missing from a Zarr store means. ``"raise"``: an
+        error naming the array and the chunk's rows when that chunk is read
+        (a deleted chunk, or one an interrupted writer never wrote).
+        ``"fill"``: read it as the array's fill value, as Zarr does - for
+        stores that are sparse by design (Zarr does not write a chunk that
+        holds only the fill value unless ``write_empty_chunks`` is on). A chunk
+        that cannot be decoded is an error either way. Other inputs ignore it.
 
     Returns
     -------
@@ -104,24 +127,28 @@ def load_data(
     """
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if missing_chunks not in MISSING_CHUNKS:
+        raise ValueError(f"missing_chunks must be one of {MISSING_CHUNKS}, got {missing_chunks!r}")
     source = "array"
     store_meta: dict[str, Any] = {}
     if isinstance(X, (str, os.PathLike)):
-        source = os.fspath(X)
-        X, store_meta = _open_path(source, variable)
+        # One spelling per store, so that provenance and checkpoint fingerprints agree.
+        source = os.path.abspath(os.fspath(X))
+        X, store_meta = _open_path(source, variable, sample_dim, missing_chunks)
     if isinstance(X, xr.Dataset):
         X = _select_variable(X, variable, list(X.data_vars))
     if isinstance(X, xr.DataArray):
         info = _from_dataarray(X, sample_dim, chunk_rows)
     elif isinstance(X, zarr.Array):
         _check_shape_dtype(X.shape, X.dtype)
-        store_meta = store_meta or {"zarr_format": X.metadata.zarr_format, "store": str(X.store_path)}
+        store_meta = store_meta or {"path": zarr_location(X), "zarr_format": X.metadata.zarr_format}
         if source == "array":
-            source = str(X.store_path)
-        info = InputData(_row_chunked(da.from_zarr(X), chunk_rows), kind="dask")
+            source = zarr_location(X)
+        info = InputData(_row_chunked(_from_reader(CheckedZarrReader(X, missing_chunks)), chunk_rows), kind="dask")
     elif isinstance(X, zarr.Group):
         raise TypeError("X is a zarr.Group: pass the array itself, or the group's path with variable=")
     elif isinstance(X, da.Array):
+        _check_known_chunks(X)
         _check_shape_dtype(X.shape, X.dtype)
         info = InputData(_row_chunked(X, chunk_rows), kind="dask")
     else:
@@ -140,14 +167,180 @@ def check_n_samples(data: InputData, n_components: int) -> None:
         )
 
 
-def _open_path(path: str, variable: str | None) -> tuple[Any, dict[str, Any]]:
+def align_features(data: InputData, fitted: Any) -> InputData:
+    """Put the columns of labelled input in the order of the feature coordinate seen at fit.
+
+    Parameters
+    ----------
+    data : InputData
+        Input to predict on; only xarray input with a feature coordinate is
+        aligned (other input is used in position order).
+    fitted : array-like or None
+        The feature coordinate recorded at fit time (``feature_coord_``).
+
+    Returns
+    -------
+    InputData
+        ``data`` itself, its columns reordered lazily where the same labels
+        came in another order.
+
+    Raises
+    ------
+    ValueError
+        When the labels are not those seen at fit, naming the missing and the
+        unexpected ones (as scikit-learn refuses DataFrame columns that differ).
+    """
+    if fitted is None or data.feature_coord is None:
+        return data
+    expected, given = list(np.asarray(fitted).tolist()), list(data.feature_coord.tolist())
+    if given == expected:
+        return data
+    missing = [f for f in expected if f not in given]
+    unexpected = [f for f in given if f not in expected]
+    if missing or unexpected or len(set(given)) != len(given) or len(set(expected)) != len(expected):
+        raise ValueError(
+            f"X's feature coordinate {data.feature_dim!r} has labels {given}, but the model was fitted on {expected}: "
+            f"missing {missing}, unexpected {unexpected}"
+            + ("" if missing or unexpected else " (labels repeat, so columns cannot be matched by label)")
+        )
+    data.array = data.array[:, [given.index(f) for f in expected]]
+    data.feature_coord = np.asarray(fitted)
+    return data
+
+
+def zarr_location(array: zarr.Array) -> str:
+    """Where a Zarr array lives: its absolute, normalised path in a local store, else the store's URL."""
+    store = array.store_path.store
+    if isinstance(store, LocalStore):
+        return os.path.normpath(os.path.join(os.path.abspath(store.root), array.store_path.path))
+    return str(array.store_path)
+
+
+def _from_reader(reader: "CheckedZarrReader") -> da.Array:
+    """A dask array with one task per Zarr chunk, each a checked read."""
+    return da.from_array(
+        reader,
+        chunks=reader.array.chunks,
+        # Each load its own keys: a store rewritten in place is never mistaken for data a cluster holds.
+        name=f"zarr-read-{uuid.uuid4().hex}",
+        meta=np.empty((0,) * reader.ndim, dtype=reader.dtype),
+        lock=False,
+        fancy=False,
+    )
+
+
+class CheckedZarrReader:
+    """Reads blocks of a Zarr array, refusing missing chunk files and naming undecodable ones.
+
+    Zarr reads a chunk file that is not in the store as the fill value; here
+    a read first asks the store whether the files of the chunks it covers
+    exist (one request per chunk file, batched) unless ``missing_chunks`` is
+    ``"fill"``. An error while decoding is re-raised as a ValueError naming
+    the array and the chunk's rows (errors of the store itself, OSError,
+    pass through). With sharding, the files are shards: a chunk missing
+    inside a shard that exists reads as the fill value.
+
+    Parameters
+    ----------
+    array : zarr.Array
+    missing_chunks : {"raise", "fill"}
+        See :func:`load_data`.
+    values : xarray.Variable, optional
+        What to read instead of the raw array: xarray's lazily decoded view of
+        it (masking, scaling), of the same shape.
+    row_axis : int, default=0
+        The axis of ``array`` that holds the samples (named in messages).
+    """
+
+    def __init__(self, array: zarr.Array, missing_chunks: str, values: Any = None, row_axis: int = 0):
+        self.array = array
+        self.values = array if values is None else values
+        self.missing_chunks = missing_chunks
+        self.row_axis = row_axis
+        self.location = zarr_location(array)
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(self.values.dtype)
+        self.ndim = len(self.shape)
+        #: The grid of chunk files (shards when sharded).
+        self.file_chunks = tuple(array.shards or array.chunks)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        files = list(self._files(key))
+        if self.missing_chunks == "raise":
+            self._check_present(files)
+        try:
+            return np.asarray(self.values[key])
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:
+            raise self._decode_error(files, exc) from exc
+
+    def _files(self, key: tuple[slice, ...]) -> Iterator[tuple[int, ...]]:
+        """Grid indices of the chunk files a block read touches."""
+        ranges = []
+        for sl, size, step in zip(key, self.shape, self.file_chunks):
+            start, stop, _ = sl.indices(size)
+            ranges.append(range(start // step, -(-stop // step)) if stop > start else range(0))
+        return itertools.product(*ranges)
+
+    def _key(self, index: tuple[int, ...]) -> str:
+        key = self.array.metadata.encode_chunk_key(index)
+        prefix = self.array.store_path.path
+        return f"{prefix}/{key}" if prefix else key
+
+    def _rows(self, index: tuple[int, ...]) -> str:
+        step = self.file_chunks[self.row_axis]
+        first = index[self.row_axis] * step
+        return f"rows {first} to {min(first + step, self.shape[self.row_axis]) - 1}"
+
+    def _check_present(self, files: list[tuple[int, ...]]) -> None:
+        store = self.array.store_path.store
+        keys = [self._key(index) for index in files]
+
+        async def exist() -> list[bool]:
+            return list(await asyncio.gather(*(store.exists(k) for k in keys)))
+
+        for index, present in zip(files, zarr_sync(exist())):
+            if not present:
+                raise ValueError(
+                    f"X: chunk {self.array.metadata.encode_chunk_key(index)!r} of Zarr array {self.location} "
+                    f"({self._rows(index)}) is missing from the store: it was deleted, or a writer was interrupted "
+                    "before writing it. If the store is sparse by design (Zarr skips chunks that hold only the "
+                    f"fill value, {_plain(self.array.fill_value)!r}, unless write_empty_chunks is on), pass "
+                    "missing_chunks='fill' to read missing chunks as the fill value"
+                )
+
+    def _decode_error(self, files: list[tuple[int, ...]], exc: Exception) -> ValueError:
+        """Name the first chunk that fails on its own (the read may have spanned several)."""
+        culprit = files[0] if files else None
+        for index in files:
+            region = tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(index, self.file_chunks, self.shape))
+            try:
+                np.asarray(self.values[region])
+            except Exception:
+                culprit = index
+                break
+        where = "" if culprit is None else f"chunk {self.array.metadata.encode_chunk_key(culprit)!r} of "
+        rows = "" if culprit is None else f" ({self._rows(culprit)})"
+        return ValueError(
+            f"X: {where}Zarr array {self.location}{rows} cannot be decoded ({type(exc).__name__}: {exc}); "
+            "the chunk file is damaged: write it again from the source data"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _open_path(path: str, variable: str | None, sample_dim: str | None, missing_chunks: str) -> tuple[Any, dict[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"X: path {path!r} does not exist")
     try:
         node = zarr.open(path, mode="r")
     except Exception as exc:  # zarr raises several types for "not a store"
         raise ValueError(f"X: path {path!r} is not a Zarr array or group ({exc})") from None
-    meta = {"path": os.path.abspath(path), "zarr_format": node.metadata.zarr_format}
+    meta = {"path": path, "zarr_format": node.metadata.zarr_format}
     if isinstance(node, zarr.Array):
         if variable is not None:
             raise ValueError(f"variable={variable!r} was given, but {path!r} is a Zarr array, not a group")
@@ -159,12 +352,19 @@ def _open_path(path: str, variable: str | None) -> tuple[Any, dict[str, Any]]:
         # An xarray-written group carries coordinates we want to keep.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": fine here
-            ds = xr.open_zarr(path, chunks={}, consolidated=None, zarr_format=node.metadata.zarr_format)
-        if variable in ds.data_vars:
-            return ds, meta
+            # Not chunked, not cached: indexing reads just that block, decoded.
+            ds = xr.open_dataset(
+                path, engine="zarr", chunks=None, cache=False, consolidated=None, zarr_format=node.metadata.zarr_format
+            )
     except Exception:
-        pass
-    return node[variable], meta
+        ds = None
+    if ds is None or variable not in ds.data_vars:
+        return node[variable], meta
+    # xarray's lazily decoded values (masking, scaling), read through the checked reader.
+    lazy = ds[variable]
+    row_axis = lazy.dims.index(sample_dim) if sample_dim in lazy.dims else 0
+    reader = CheckedZarrReader(node[variable], missing_chunks, lazy.variable, row_axis)
+    return lazy.copy(data=_from_reader(reader)), meta
 
 
 def _select_variable(ds: Any, variable: str | None, names: list[str], where: str = "the Dataset") -> Any:
@@ -176,6 +376,8 @@ def _select_variable(ds: Any, variable: str | None, names: list[str], where: str
 
 
 def _from_dataarray(X: xr.DataArray, sample_dim: str | None, chunk_rows: int | None) -> InputData:
+    if isinstance(X.data, da.Array):
+        _check_known_chunks(X.data)
     if X.ndim != 2:
         _check_shape_dtype(X.shape, X.dtype)
     if sample_dim is None:
@@ -210,6 +412,15 @@ def _from_memory(X: Any, chunk_rows: int | None) -> InputData:
     _check_shape_dtype(arr.shape, arr.dtype)
     rows = chunk_rows or DEFAULT_CHUNK_ROWS
     return InputData(da.from_array(arr, chunks=(rows, -1)), kind="numpy")
+
+
+def _check_known_chunks(arr: da.Array) -> None:
+    """Refuse dask arrays whose chunk sizes are unknown (NaN), e.g. after boolean indexing."""
+    if any(np.isnan(c) for sizes in arr.chunks for c in sizes):
+        raise ValueError(
+            f"X is a dask array with unknown chunk sizes (NaN; shape {arr.shape}), e.g. after boolean indexing; "
+            "call X = X.compute_chunk_sizes() first (one pass over the data)"
+        )
 
 
 def _check_shape_dtype(shape: tuple[int, ...], dtype: Any) -> None:

@@ -18,7 +18,7 @@ from sklearn.utils.validation import _check_feature_names, check_is_fitted
 from streamem.backend import array_module, check_device, to_device, to_numpy
 from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint, save_checkpoint
 from streamem.cluster import PERSIST_MODES, resolve_scheduler, should_persist
-from streamem.data import InputData, check_n_samples, load_data
+from streamem.data import InputData, align_features, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
 from streamem.init import DEFAULT_SAMPLE_SIZE, INIT_METHODS, initial_params
@@ -155,6 +155,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         *,
         variable: str | None = None,
         sample_dim: str | None = None,
+        missing_chunks: str = "raise",
         checkpoint: str | os.PathLike | None = None,
         resume: bool = False,
         progress: bool = False,
@@ -170,6 +171,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             The variable of a Zarr group or xarray Dataset holding the data.
         sample_dim : str, optional
             The sample dimension of an xarray input (default: the first).
+        missing_chunks : {"raise", "fill"}, default="raise"
+            A chunk file missing from a Zarr store is an error naming the
+            array and the chunk's rows; ``"fill"`` reads it as the array's
+            fill value instead (stores sparse by design). The prediction
+            methods take the same keyword, and ``variable``/``sample_dim``.
         checkpoint : str or os.PathLike, optional
             A directory where the state of the fit is saved after every
             M-step (see :mod:`streamem.checkpoint`).
@@ -184,7 +190,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self
         """
         self._check_parameters()
-        data = self._load(X, variable, sample_dim, reset=True)
+        data = self._load(X, variable, sample_dim, reset=True, missing_chunks=missing_chunks)
         check_n_samples(data, self.n_components)
         self._check_initial_parameters(data.n_features)
         if resume and checkpoint is None:
@@ -365,10 +371,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.precisions_cholesky_ = params.precisions_cholesky
         self.precisions_ = family.precisions(params.precisions_cholesky)
 
-    def _load(self, X: Any, variable: str | None, sample_dim: str | None, *, reset: bool) -> InputData:
-        data = load_data(X, variable=variable, sample_dim=sample_dim)
-        if data.kind == "numpy":
-            _check_feature_names(self, X, reset=reset)
+    def _load(
+        self, X: Any, variable: str | None, sample_dim: str | None, *, reset: bool, missing_chunks: str = "raise"
+    ) -> InputData:
+        """Load ``X`` (see :func:`streamem.data.load_data`); at fit record its features, after fit check them.
+
+        After fit, xarray input with a feature coordinate has its columns put
+        in the order seen at fit (other labels are refused); other input is
+        taken in position order. DataFrame column names are scikit-learn's
+        business, for every kind of input: a refit on input without names
+        forgets the old ones.
+        """
+        data = load_data(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks)
+        _check_feature_names(self, X, reset=reset)
         if reset:
             self.n_features_in_ = data.n_features
             self.feature_coord_ = data.feature_coord
@@ -378,16 +393,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "row_chunks": [int(c) for c in data.array.chunks[0]],
                 "dtype": str(data.array.dtype),
             }
-        elif data.n_features != self.n_features_in_:
+            return data
+        data = align_features(data, getattr(self, "feature_coord_", None))
+        if data.n_features != self.n_features_in_:
             raise ValueError(
                 f"X has {data.n_features} features, but {type(self).__name__} "
                 f"is expecting {self.n_features_in_} features as input"
             )
         return data
 
-    def _load_fitted(self, X: Any, variable: str | None = None, sample_dim: str | None = None) -> InputData:
+    def _load_fitted(
+        self, X: Any, variable: str | None = None, sample_dim: str | None = None, missing_chunks: str = "raise"
+    ) -> InputData:
+        """The input of a prediction method; its keywords are those of :meth:`fit` that describe the data."""
         check_is_fitted(self)
-        return self._load(X, variable, sample_dim, reset=False)
+        return self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks)
 
     def _total_loglik(self, data: InputData) -> float:
         passes = DataPasses(data, "threads" if data.kind == "numpy" else resolve_scheduler(self.client))

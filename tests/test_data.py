@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import dask.array as da
@@ -13,7 +14,8 @@ import zarr
 from numpy.testing import assert_allclose
 
 import streamem
-from _common import N_FEATURES, ZARR_CHUNK_ROWS, fit_quietly, make_data, make_inits, sklearn_fit
+from streamem.checkpoint import data_fingerprint
+from _common import IRREGULAR_CHUNKS, N_FEATURES, ZARR_CHUNK_ROWS, fit_quietly, make_data, make_inits, sklearn_fit
 from conftest import write_zarr
 
 RTOL = 1e-8
@@ -333,3 +335,145 @@ def test_precisions_init_not_positive_definite_message(X):
     bad = np.tile(np.diag([1.0, 1.0, -1.0]), (3, 1, 1))
     with pytest.raises(ValueError, match=r"precisions_init must be symmetric positive-definite"):
         streamem.GaussianMixture(n_components=3, precisions_init=bad).fit(X)
+
+
+# ------------------------------------------- feature coordinate at predict
+PREDICTIONS = ("predict", "predict_proba", "score_samples", "score", "bic")
+
+
+@pytest.fixture(scope="module")
+def labelled(X):
+    """A model fitted on a DataArray whose feature coordinate is (u, v, w), and that DataArray."""
+    arr = _dataset(np.array(X))["obs"].chunk({"time": 1000})
+    return fit_quietly(_model(), arr), arr
+
+
+def _outputs(model, X):
+    out = {}
+    for name in PREDICTIONS:
+        value = getattr(model, name)(X)
+        out[name] = np.asarray(value.values if isinstance(value, xr.DataArray) else value)
+    return out
+
+
+@pytest.mark.parametrize("order", [[2, 0, 1], [1, 0, 2]])
+def test_reordered_feature_coordinate_is_aligned(labelled, order, X):
+    """Columns are matched by label, not by position (position order gave another score)."""
+    model, arr = labelled
+    reordered = arr.isel(feature=order)
+    assert list(reordered["feature"].values) != ["u", "v", "w"]
+    assert isinstance(model.predict(reordered).data, da.Array)  # still lazy
+    expected = _outputs(model, arr)
+    got = _outputs(model, reordered)
+    for name in PREDICTIONS:
+        assert_allclose(got[name], expected[name], rtol=1e-12, err_msg=name)
+    # The reference is independent of the alignment: scikit-learn on the numpy columns in fit order.
+    sk = sklearn_fit(np.array(X), n_components=3, covariance_type="full", tol=0, max_iter=MAX_ITER, **make_inits("full"))
+    assert_allclose(got["score"], sk.score(np.array(X)), rtol=1e-8)
+
+
+def test_reordered_feature_coordinate_after_save_and_load(labelled, tmp_path):
+    model, arr = labelled
+    model.save(tmp_path / "model.zarr")
+    loaded = streamem.load(tmp_path / "model.zarr")
+    assert_allclose(loaded.score(arr.isel(feature=[2, 0, 1])), model.score(arr), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "labels, missing, unexpected",
+    [(["u", "v", "x"], "'w'", "'x'"), (["a", "b", "c"], "'u'", "'c'")],
+)
+def test_other_feature_labels_are_refused(labelled, labels, missing, unexpected):
+    model, arr = labelled
+    other = arr.assign_coords(feature=labels)
+    for name in PREDICTIONS:
+        with pytest.raises(ValueError, match=r"feature") as info:
+            getattr(model, name)(other)
+        message = str(info.value)
+        assert "missing" in message and missing in message and "unexpected" in message and unexpected in message
+
+
+def test_fewer_feature_labels_are_refused_by_name(labelled):
+    model, arr = labelled
+    with pytest.raises(ValueError, match=r"missing.*'w'"):
+        model.predict(arr.isel(feature=[0, 1]))
+
+
+def test_input_without_coordinate_keeps_position_order(labelled, X):
+    model, arr = labelled
+    assert_allclose(model.score(np.array(X)), model.score(arr), rtol=1e-12)
+    assert_allclose(model.score(da.from_array(np.array(X), chunks=(1000, 3))), model.score(arr), rtol=1e-12)
+    # Position order for numpy: the same columns permuted are a different data set.
+    assert model.score(np.array(X)[:, [2, 0, 1]]) < model.score(arr) - 1.0
+
+
+def test_dataframe_columns_are_checked_by_scikit_learn(X):
+    frame = pd.DataFrame(np.array(X), columns=["a", "b", "c"])
+    model = fit_quietly(_model(), frame)
+    assert list(model.feature_names_in_) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"same order"):
+        model.predict(frame[["c", "a", "b"]])
+    with pytest.raises(ValueError, match=r"unseen at fit time"):
+        model.score(frame.rename(columns={"c": "d"}))
+    # Refitting on input without column names forgets the old names (as scikit-learn does).
+    fit_quietly(model, _dataset(np.array(X))["obs"])
+    assert not hasattr(model, "feature_names_in_")
+
+
+# ----------------------------------------------------- unknown chunk sizes
+def test_unknown_chunk_sizes_say_compute_chunk_sizes(X):
+    arr = da.from_array(np.array(X), chunks=(1000, 3))
+    positive = arr[arr[:, 0] > 0]
+    assert np.isnan(positive.chunks[0][0])
+    with pytest.raises(ValueError, match=r"compute_chunk_sizes\(\)"):
+        streamem.load_data(positive)
+    with pytest.raises(ValueError, match=r"compute_chunk_sizes\(\)"):
+        _model().fit(positive)
+    model = fit_quietly(_model(), positive.compute_chunk_sizes())
+    assert model.n_features_in_ == 3
+
+
+# ----------------------------------------------------------- source paths
+def test_source_does_not_depend_on_how_the_path_is_spelled(stores, monkeypatch):
+    path = pathlib.Path(stores["v3"])
+    monkeypatch.chdir(path.parent.parent)
+    spellings = [str(path), str(path) + "/", f"{path.parent.name}/./{path.name}/", pathlib.Path(path.parent.name) / path.name]
+    loaded = [streamem.load_data(s) for s in spellings]
+    assert {d.source for d in loaded} == {str(path)}
+    assert streamem.load_data(zarr.open_array(str(path) + "/", mode="r")).source == str(path)
+    assert len({json.dumps(data_fingerprint(d), sort_keys=True) for d in loaded}) == 1
+    group = streamem.load_data(stores["group"] + "/", variable="data")
+    assert group.source == stores["group"]
+
+
+# ------------------------------------------- irregular chunks on a Zarr store
+@pytest.fixture(scope="module")
+def irregular_store(tmp_path_factory, X):
+    """The data with one NaN at row 2000, stored in 100-row Zarr chunks, read in irregular dask chunks."""
+    Xb = np.array(X)
+    Xb[2000, 1] = np.nan
+    path = write_zarr(tmp_path_factory.mktemp("irregular") / "nan.zarr", Xb, (100, N_FEATURES))
+    return path
+
+
+def _irregular(path):
+    return da.from_zarr(zarr.open_array(path, mode="r"), chunks=(IRREGULAR_CHUNKS, (N_FEATURES,)))
+
+
+def test_irregular_chunks_row_offsets(irregular_store):
+    data = streamem.load_data(_irregular(irregular_store))
+    assert data.array.chunks[0] == IRREGULAR_CHUNKS
+    assert_allclose(data.row_offsets(), np.concatenate([[0], np.cumsum(IRREGULAR_CHUNKS)[:-1]]), rtol=0)
+    assert list(data.row_offsets()[:4]) == [0, 500, 1400, 1700]
+
+
+@pytest.mark.parametrize("init", ["given", "kmeans"])
+def test_irregular_chunks_nan_reported_at_its_row(irregular_store, init):
+    # Row 2000 is row 300 of chunk 3 (which starts at 1700); chunk index x first chunk size would say 1800.
+    params = make_inits("full") if init == "given" else {"random_state": 0}
+    model = streamem.GaussianMixture(n_components=3, max_iter=3, **params)
+    with pytest.raises(ValueError, match=r"1 non-finite values .* rows 2000 to 2000"):
+        model.fit(_irregular(irregular_store))
+    xr_arr = xr.DataArray(_irregular(irregular_store), dims=("time", "feature"))
+    with pytest.raises(ValueError, match=r"rows 2000 to 2000"):
+        streamem.GaussianMixture(n_components=3, max_iter=3, **params).fit(xr_arr)
