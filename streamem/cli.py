@@ -181,12 +181,47 @@ def _say(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any work starts.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Where the command will write.
+    overwrite : bool
+        Whether an existing ``path`` may be replaced.
+    flag : str, default="--out"
+        The option named in the error.
+
+    Raises
+    ------
+    UsageError
+        When ``path`` exists and ``overwrite`` is false, or its directory
+        does not exist, is not a directory, or is not writable.
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise UsageError(f"{flag}: {path!r} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    nearest = parent
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise UsageError(f"{flag}: cannot write {path!r}: {nearest!r} is not a directory")
+    if nearest != parent:
+        raise UsageError(f"{flag}: cannot write {path!r}: directory {parent!r} does not exist")
+    # Writing a store creates entries in the directory (a temporary name, then a rename).
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write {path!r}: directory {parent!r} is not writable")
+
+
 # ------------------------------------------------------------------ commands
 def cmd_fit(args: argparse.Namespace) -> None:
     import streamem
     from streamem.matching import match_components
 
     settings = merged_settings(args)
+    check_out(args.out, bool(settings.get("overwrite")))
     streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
     for name in _NPY_OPTIONS:
@@ -201,8 +236,6 @@ def cmd_fit(args: argparse.Namespace) -> None:
             raise UsageError("--init-from: the old model has other n_components or covariance_type than asked for")
         kwargs.update(weights_init=old.weights_, means_init=old.means_, precisions_init=old.precisions_)
     kwargs.setdefault("verbose_interval", 1)
-    if os.path.exists(args.out) and not settings.get("overwrite"):
-        raise UsageError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
     with dask_client(settings, args.quiet) as client:
         model = streamem.GaussianMixture(verbose=0 if args.quiet else 1, client=client, **kwargs)
         tic = time.perf_counter()
@@ -231,39 +264,43 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import streamem
     from streamem.io import write_dataset
 
+    check_out(args.out, args.overwrite)
     model = streamem.load(args.model)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"--out: {args.out!r} exists; pass --overwrite to replace it")
     settings = merged_settings(args)
+    where = {"variable": args.variable, "sample_dim": args.sample_dim}
+    # The model loads the data itself: its feature checks (and feature alignment) apply,
+    # and an xarray input gives results carrying its sample coordinates. Lazy: fails before the cluster starts.
+    data = model._load_fitted(args.data, **where)
     with dask_client(settings, args.quiet):
-        data = streamem.load_data(args.data, variable=args.variable, sample_dim=args.sample_dim)
-        sample_dim = data.sample_dim or "sample"
-        as_xr = lambda arr, *extra: _as_dataarray(data, arr, sample_dim, *extra)  # noqa: E731
-        variables = {"labels": as_xr(model.predict(data.array))}
+        variables = {"labels": _as_dataarray(model.predict(args.data, **where))}
         if args.proba:
-            variables["proba"] = as_xr(model.predict_proba(data.array), "component")
+            variables["proba"] = _as_dataarray(model.predict_proba(args.data, **where), "component")
         if args.score:
-            variables["log_likelihood"] = as_xr(model.score_samples(data.array))
+            variables["log_likelihood"] = _as_dataarray(model.score_samples(args.data, **where))
         ds = xr.Dataset(variables)
         ds.attrs = {"model": os.path.abspath(args.model), "data_source": data.source}
         write_dataset(ds, args.out, overwrite=args.overwrite, checksum=False)
     _say(args.quiet, f"wrote {', '.join(variables)} for {data.n_samples:,} rows to {args.out}")
 
 
-def _as_dataarray(data: Any, arr: Any, sample_dim: str, *extra: str) -> Any:
+def _as_dataarray(result: Any, *extra: str) -> Any:
+    """A per-row result as a DataArray: an xarray input's result already is one, with its coordinates."""
     import xarray as xr
 
+    if isinstance(result, xr.DataArray):
+        return result
     # Only an xarray input has a sample coordinate; we do not invent one (an
     # index of all rows would have to sit in memory).
-    return xr.DataArray(arr, dims=(sample_dim, *extra), coords=dict(data.coords))
+    return xr.DataArray(result, dims=("sample", *extra))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     import streamem
 
     model = streamem.load(args.model)
+    # Through the model's own loading, so its feature checks (and alignment) apply; before the cluster starts.
+    data = model._load_fitted(args.data, variable=args.variable, sample_dim=args.sample_dim)
     with dask_client(merged_settings(args), args.quiet):
-        data = streamem.load_data(args.data, variable=args.variable, sample_dim=args.sample_dim)
         total = model._total_loglik(data)
     n = data.n_samples
     p = model._family().n_parameters(model.n_components, model.n_features_in_)
@@ -288,6 +325,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from streamem.generate import generate
 
+    check_out(args.out, args.overwrite, flag="OUT")
     tic = time.perf_counter()
     generate(args.out, args.n_samples, args.n_features, args.n_components, chunk_rows=args.chunk_rows,
              seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
@@ -300,9 +338,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
     import streamem
     from streamem.plot import plot_model
 
+    check_out(args.out, overwrite=True)  # a picture is replaced silently, but its directory must take it
     model = streamem.load(args.model)
-    data = streamem.load_data(args.data, variable=args.variable) if args.data else None
-    plot_model(model, args.out, data=data, features=args.features, n_points=args.n_points, seed=args.seed)
+    plot_model(model, args.out, data=args.data, variable=args.variable, sample_dim=args.sample_dim,
+               features=args.features, n_points=args.n_points, seed=args.seed)
     _say(args.quiet, f"wrote {args.out}")
 
 
@@ -310,9 +349,11 @@ def cmd_accumulate(args: argparse.Namespace) -> None:
     import streamem
     from streamem.mapreduce import accumulate, write_stats
 
+    check_out(args.out, args.overwrite)
     model = streamem.load(args.model)
+    model._load_fitted(args.data, variable=args.variable, sample_dim=args.sample_dim)  # lazy: fail before the cluster starts
     with dask_client(merged_settings(args), args.quiet) as client:
-        ds = accumulate(model, args.data, rows=args.rows, variable=args.variable, client=client)
+        ds = accumulate(model, args.data, rows=args.rows, variable=args.variable, sample_dim=args.sample_dim, client=client)
     write_stats(ds, args.out, overwrite=args.overwrite)
     _say(args.quiet, f"wrote statistics of rows {ds.attrs['rows']} to {args.out}")
 
@@ -321,6 +362,7 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     import streamem
     from streamem.mapreduce import reduce_stats
 
+    check_out(args.out, args.overwrite)
     model = reduce_stats(streamem.load(args.model), args.stats)
     model.save(args.out, overwrite=args.overwrite)
     _say(args.quiet, f"one EM iteration from {len(args.stats)} shards: mean log-likelihood {model.lower_bound_:.10g}; saved {args.out}")
@@ -363,9 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, func, help, cluster=True)
         p.add_argument("model")
         p.add_argument("data")
-        p.add_argument("--variable")
-        if name != "accumulate":
-            p.add_argument("--sample-dim")
+        p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
+        p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
         if name != "score":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
@@ -397,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True, help="PNG file")
     p.add_argument("--data")
-    p.add_argument("--variable")
+    p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
+    p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
     p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="two feature indices (default: first two principal axes)")
     p.add_argument("--n-points", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)

@@ -34,6 +34,23 @@ def model_digest(model: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def normalise_source(source: str) -> str:
+    """One spelling of a data source, so that shards of one store compare equal.
+
+    Local paths become absolute with ``..``, symbolic links and trailing
+    separators resolved (``file://`` URLs count as local paths); other URLs
+    lose a trailing ``/``. ``"array"`` (in-memory data, which has no source)
+    stays as it is.
+    """
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    if "://" in source:
+        return source.rstrip("/")
+    if source == "array":
+        return source
+    return os.path.realpath(os.path.expanduser(source))
+
+
 def parse_rows(rows: str | None, n_samples: int) -> tuple[int, int]:
     """``"START:STOP"`` (either may be empty) to a checked half-open range."""
     if rows is None:
@@ -49,12 +66,38 @@ def parse_rows(rows: str | None, n_samples: int) -> tuple[int, int]:
     return start, stop
 
 
-def accumulate(model: Any, X: Any, *, rows: str | None = None, variable: str | None = None, client: Any = None) -> xr.Dataset:
+def accumulate(
+    model: Any,
+    X: Any,
+    *,
+    rows: str | None = None,
+    variable: str | None = None,
+    sample_dim: str | None = None,
+    client: Any = None,
+) -> xr.Dataset:
     """Statistics and log-likelihood of rows ``START:STOP`` of ``X`` under ``model``.
 
-    Returns an xarray Dataset ready for :func:`write_stats`.
+    Parameters
+    ----------
+    model : GaussianMixture
+        The fitted model whose E-step the statistics come from.
+    X : array-like, dask array, zarr.Array, path or xarray object
+        The whole data set (see :func:`streamem.data.load_data`).
+    rows : str, optional
+        ``"START:STOP"``, rows of ``X`` this shard covers (default: all).
+    variable : str, optional
+        The variable of a Zarr group or xarray Dataset holding the data.
+    sample_dim : str, optional
+        The sample dimension of an xarray input (default: the first).
+    client : distributed.Client, optional
+
+    Returns
+    -------
+    xarray.Dataset
+        Ready for :func:`write_stats`; its attributes record the model, the
+        rows and the data (normalised source, shape, dtype).
     """
-    data = model._load_fitted(X, variable=variable)
+    data = model._load_fitted(X, variable=variable, sample_dim=sample_dim)
     start, stop = parse_rows(rows, data.n_samples)
     shard = load_data(data.array[start:stop])
     passes = DataPasses(shard, resolve_scheduler(client))
@@ -71,9 +114,34 @@ def accumulate(model: Any, X: Any, *, rows: str | None = None, variable: str | N
         "covariance_type": model.covariance_type,
         "rows": json.dumps([start, stop]),
         "n_samples_total": data.n_samples,
-        "data_source": data.source,
+        # Normalised here, where a relative path means what the user meant.
+        "data_source": normalise_source(data.source),
+        "data_shape": json.dumps(list(data.array.shape)),
+        "data_dtype": str(data.array.dtype),
     }
     return ds
+
+
+def _data_of(attrs: dict[str, Any]) -> tuple[str, str, str]:
+    """The data a shard was computed on: source (normalised by accumulate), shape, dtype."""
+    return attrs.get("data_source", "?"), attrs.get("data_shape", "?"), attrs.get("data_dtype", "?")
+
+
+def _check_same_data(
+    first: tuple[str, tuple[str, str, str]] | None, path: str, attrs: dict[str, Any]
+) -> tuple[str, tuple[str, str, str]]:
+    """Refuse a shard of other data than the first shard's; returns the first shard's (path, data)."""
+    data = _data_of(attrs)
+    if first is None:
+        return path, data
+    first_path, first_data = first
+    if data != first_data:
+        describe = lambda d: f"{d[0]} (shape {d[1]}, {d[2]})"  # noqa: E731
+        raise ValueError(
+            f"the shards come from different data: {first_path!r} from {describe(first_data)}, "
+            f"{path!r} from {describe(data)}; accumulate every shard on the same data"
+        )
+    return first
 
 
 def write_stats(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -83,19 +151,22 @@ def write_stats(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = Fa
 def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
     """Sum the shards' statistics and do one M-step from ``model``.
 
-    Refuses shards computed from another model, overlapping row ranges, and
-    (with a ValueError naming the missing rows) shards that do not cover the
-    data. Returns a new fitted model: ``n_iter_`` one more, the shards'
-    mean log-likelihood appended to ``lower_bounds_``.
+    Refuses shards computed from another model, shards of different data
+    (another source, shape or dtype: a ValueError naming both), overlapping
+    row ranges, and (with a ValueError naming the missing rows) shards that
+    do not cover the data. Returns a new fitted model: ``n_iter_`` one more,
+    the shards' mean log-likelihood appended to ``lower_bounds_``.
     """
     if not paths:
         raise ValueError("reduce needs at least one statistics store")
     digest = model_digest(model)
     parts, ranges, totals = [], [], set()
+    first_data: tuple[str, tuple[str, str, str]] | None = None
     for path in paths:
         ds = open_dataset(path, FORMAT_NAME)
         if ds.attrs.get("model_digest") != digest:
             raise ValueError(f"{os.fspath(path)!r} holds statistics of another model; accumulate them with this one")
+        first_data = _check_same_data(first_data, os.fspath(path), ds.attrs)
         parts.append(SuffStats({name: np.asarray(ds[name].values, dtype=np.float64) for name in ds.data_vars}))
         ranges.append((tuple(json.loads(ds.attrs["rows"])), os.fspath(path)))
         totals.add(int(ds.attrs["n_samples_total"]))

@@ -16,7 +16,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
 from streamem.backend import array_module, check_device, to_device, to_numpy
-from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint, save_checkpoint
+from streamem.checkpoint import (
+    checkpoint_exists,
+    data_fingerprint,
+    fit_settings,
+    load_checkpoint,
+    prepare_checkpoint,
+    save_checkpoint,
+)
 from streamem.cluster import PERSIST_MODES, resolve_scheduler, should_persist
 from streamem.data import InputData, align_features, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
@@ -147,6 +154,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.persist = persist
         self.device = device
 
+    def __sklearn_clone__(self) -> "GaussianMixture":
+        """scikit-learn's ``clone``, except that the clone shares ``client``.
+
+        A ``distributed.Client`` holds connections and asyncio tasks: it
+        cannot be deep-copied, and clones made by ``GridSearchCV`` or
+        ``cross_val_score`` should run on the same cluster. Every other
+        parameter is cloned as scikit-learn does.
+        """
+        if self.client is None:
+            return super().__sklearn_clone__()
+        import copy
+
+        without = copy.copy(self)  # shallow: self keeps its client
+        without.client = None
+        return without.__sklearn_clone__().set_params(client=self.client)
+
     # ------------------------------------------------------------------ fit
     def fit(
         self,
@@ -199,6 +222,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         scheduler = resolve_scheduler(self.client)
         if checkpoint is not None:
             settings, fingerprint = fit_settings(self), data_fingerprint(data, scheduler)
+            prepare_checkpoint(checkpoint)  # a directory it may not use is refused before any work
         runs = None
         start_iter = 0
         if resume and checkpoint_exists(checkpoint):
@@ -518,32 +542,44 @@ def _as_shape(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # Per-chunk functions for predictions: module level so that workers can unpickle them.
-def _per_row(block: Any, family: GaussianFamily, compute: Any) -> Any:
-    """``compute(X)`` on the family's device; host results for host chunks."""
-    X = to_device(block, family.device)
-    xp = array_module(X)
-    X = xp.asarray(X, dtype=np.float64)
-    if not bool(xp.isfinite(X).all()):
-        raise ValueError(f"X contains {int((~xp.isfinite(X)).sum())} non-finite values (NaN or inf)")
-    out = compute(X)
+def _per_row(block: Any, family: GaussianFamily, params: GaussianParams, name: str) -> Any:
+    """One per-row output of ``family.row_outputs`` (evaluated in slices); host results for host chunks."""
+    _check_finite(block)
+    out = family.row_outputs(block, params, name)[0]
     return to_numpy(out) if array_module(block) is np else out
 
 
+def _check_finite(block: Any) -> None:
+    """Refuse NaN and inf, counted; without an (n, d) copy unless the chunk has some.
+
+    NaN and inf survive a sum (inf - inf is NaN), so a finite sum proves
+    every value finite; only a sum that is not (or that overflows) is
+    followed by the element-wise count.
+    """
+    xp = array_module(block)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if bool(xp.isfinite(block.sum(dtype=np.float64))):
+            return
+    n_bad = int(block.size - xp.isfinite(block).sum())
+    if n_bad:
+        raise ValueError(f"X contains {n_bad} non-finite values (NaN or inf)")
+
+
 def _block_proba(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
-    return _per_row(block, family, lambda X: family.e_step(X, params)[1].astype(np.float64))
+    return _per_row(block, family, params, "resp")
 
 
 def _block_labels(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
-    return _per_row(block, family, lambda X: family.log_prob(X, params).argmax(axis=1))
+    return _per_row(block, family, params, "labels")
 
 
 def _block_loglik(block: Any, family: GaussianFamily, params: GaussianParams) -> Any:
-    return _per_row(block, family, lambda X: family.e_step(X, params)[0])
+    return _per_row(block, family, params, "loglik")
 
 
 def _block_loglik_sum(block: Any, offset: int, payload: tuple[GaussianFamily, GaussianParams]) -> float:
     family, params = payload
-    return float(_per_row(block, family, lambda X: family.e_step(X, params)[0].sum()))
+    return float(_per_row(block, family, params, "loglik").sum())
 
 
 def _add_floats(a: float, b: float) -> float:

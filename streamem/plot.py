@@ -12,6 +12,8 @@ def plot_model(
     out: str,
     *,
     data: Any = None,
+    variable: str | None = None,
+    sample_dim: str | None = None,
     features: tuple[int, int] | None = None,
     n_points: int = 5000,
     seed: int = 0,
@@ -22,6 +24,22 @@ def plot_model(
     2-sigma covariance ellipse. The projection is onto ``features`` (two
     feature indices) or, by default, onto the first two principal axes of the
     sample.
+
+    Parameters
+    ----------
+    model : GaussianMixture
+        A fitted model.
+    out : str
+        The PNG file to write.
+    data : array-like, dask array, zarr.Array, path or xarray object, optional
+        Data the model can score (see :func:`streamem.data.load_data`); it
+        is checked by the model as for ``predict``.
+    variable, sample_dim : str, optional
+        The variable and sample dimension of an xarray or Zarr-group ``data``.
+    features : tuple of two int, optional
+    n_points : int, default=5000
+        Rows drawn for the scatter.
+    seed : int, default=0
     """
     try:
         import matplotlib
@@ -39,6 +57,9 @@ def plot_model(
     d = model.n_features_in_
     if features is not None and not all(0 <= f < d for f in features):
         raise ValueError(f"features must be two indices in 0..{d - 1}, got {list(features)}")
+    if data is not None:
+        # The model's own loading: the same feature checks (and alignment) as predict, before any drawing.
+        data = model._load_fitted(data, variable=variable, sample_dim=sample_dim)
     ncols = 1 if data is None else 2
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8), squeeze=False)
     ax = axes[0, 0]
@@ -50,8 +71,6 @@ def plot_model(
     ax.grid(alpha=0.3)
 
     if data is not None:
-        if data.n_features != d:
-            raise ValueError(f"data has {data.n_features} features, the model {d}")
         sample = draw_sample(DataPasses(data, resolve_scheduler()), n_points, np.random.RandomState(seed))
         labels = model.predict(sample)
         covs = full_covariances(model.covariances_, model.covariance_type, *model.means_.shape)

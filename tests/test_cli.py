@@ -409,3 +409,100 @@ def test_nightly_refit_script_twice(tmp_path):
     reference2.permute_components(match_components(day1, reference2))
     assert_same_params(day2, reference2, 1e-10)
     assert sorted(os.listdir(models)) == ["current.zarr", f"model-{days[0]}.zarr", f"model-{days[1]}.zarr"]
+
+
+# ------------------------------------------- issue 13: --out checked up front
+def _write_feature_time_store(path, X: np.ndarray, chunk_rows: int) -> str:
+    """``X`` as variable ``obs`` of an xarray Dataset in Zarr, stored with dims (feature, time)."""
+    times = pd.date_range("2024-05-01", periods=len(X), freq="10s")
+    ds = xr.Dataset({"obs": (("feature", "time"), X.T.copy())}, coords={"time": times}).chunk({"time": chunk_rows})
+    ds.to_zarr(path, zarr_format=3, consolidated=False)
+    return os.fspath(path)
+
+
+def _command_writing(command: str, out, data_path: str, model_path: str, tmp_path) -> tuple:
+    """Arguments of ``command`` writing ``out``; everything else valid (reduce gets a shard that does not exist)."""
+    return {
+        "fit": ("fit", data_path, "--out", out, "--n-components", 3, "--max-iter", 200, "--tol", 0, *LOCAL),
+        "predict": ("predict", model_path, data_path, "--out", out, "--proba", *LOCAL),
+        "accumulate": ("accumulate", model_path, data_path, "--out", out, *LOCAL),
+        # The missing shard would be named if reduce read its shards before checking --out.
+        "reduce": ("reduce", tmp_path / "no-such-shard.zarr", "--model", model_path, "--out", out),
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "accumulate", "reduce"])
+def test_out_in_a_missing_directory_is_refused_before_any_work(command, data_path, model_path, tmp_path):
+    out = tmp_path / "no" / "such" / "dir" / "out.zarr"
+    # Not --quiet: a started cluster would print its dashboard line, a second line on stderr.
+    proc = cli(*_command_writing(command, out, data_path, model_path, tmp_path))
+    line = check_usage_error(proc, "--out", os.fspath(tmp_path / "no"), "does not exist")
+    assert "no-such-shard" not in line
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "accumulate", "reduce"])
+def test_existing_out_is_refused_before_any_work_without_overwrite(command, data_path, model_path, tmp_path):
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    proc = cli(*_command_writing(command, out, data_path, model_path, tmp_path))
+    check_usage_error(proc, "--out", os.fspath(out), "--overwrite")
+    assert os.listdir(out) == ["keep"] and sorted(os.listdir(tmp_path)) == ["out.zarr"]
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "accumulate", "reduce"])
+def test_out_under_a_file_is_refused_before_any_work(command, data_path, model_path, tmp_path):
+    (tmp_path / "plain").write_text("a file, not a directory")
+    proc = cli(*_command_writing(command, tmp_path / "plain" / "out.zarr", data_path, model_path, tmp_path))
+    check_usage_error(proc, "--out", os.fspath(tmp_path / "plain"), "not a directory")
+
+
+def test_check_out_refuses_a_directory_without_write_permission(tmp_path):
+    from streamem.cli import UsageError, check_out
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root)")
+        with pytest.raises(UsageError, match="not writable"):
+            check_out(locked / "out.zarr", overwrite=False)
+    finally:
+        locked.chmod(0o700)
+    check_out(locked / "out.zarr", overwrite=False)  # writable again: no error
+
+
+# -------------------------------- issue 13: (feature, time) stores everywhere
+def test_plot_takes_a_feature_time_store_with_sample_dim(X, data_path, model_path, tmp_path):
+    import matplotlib.image
+
+    store = _write_feature_time_store(tmp_path / "obs.zarr", X, 900)
+    from_rows, from_store = tmp_path / "rows.png", tmp_path / "store.png"
+    check_ok(cli("plot", model_path, "--out", from_rows, "--data", data_path, "--n-points", 600, "--quiet"))
+    check_ok(cli("plot", model_path, "--out", from_store, "--data", store, "--variable", "obs", "--sample-dim", "time",
+                 "--n-points", 600, "--quiet"))  # fmt: skip
+    # The same rows are drawn (the sample is by global row index), so the same picture.
+    assert_array_equal(matplotlib.image.imread(from_store), matplotlib.image.imread(from_rows))
+    # Without --sample-dim the first dimension (feature) is taken as samples: 3 "rows" of 4500 features.
+    proc = cli("plot", model_path, "--out", tmp_path / "bad.png", "--data", store, "--variable", "obs", "--quiet")
+    check_usage_error(proc, "4500 features", "3")
+
+
+# ------------------------------ issue 13: score and predict validate features
+@pytest.mark.parametrize("command", ["score", "predict"])
+def test_data_with_another_feature_count_exits_2_naming_the_counts(command, X, model_path, tmp_path):
+    two = write_zarr(tmp_path / "two.zarr", np.ascontiguousarray(X[:, :2]), CHUNK_ROWS)
+    extra = ("--out", tmp_path / "pred.zarr") if command == "predict" else ()
+    proc = cli(command, model_path, two, *extra, *LOCAL, "--quiet")
+    check_usage_error(proc, "2 features", "expecting 3 features")
+    assert not (tmp_path / "pred.zarr").exists()
+
+
+def test_score_of_a_feature_time_store_with_sample_dim(X, model_path, tmp_path):
+    store = _write_feature_time_store(tmp_path / "obs.zarr", X, 900)
+    proc = check_ok(cli("score", model_path, store, "--variable", "obs", "--sample-dim", "time", *LOCAL, "--quiet"))
+    values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert int(values["rows"]) == N_ROWS
+    assert_allclose(float(values["mean log-likelihood"]), sklearn_from(streamem.load(model_path)).score(X), rtol=1e-9)

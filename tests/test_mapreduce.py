@@ -166,3 +166,98 @@ def test_cli_reduce_refuses_missing_rows(cli_shards, tmp_path):
     # reduce_stats promises "a ValueError naming the missing rows": rows 0 to 3300.
     check_usage_error(proc, "3300")
     assert not (tmp_path / "new.zarr").exists()
+
+
+# ---------------------------------------------- issue 13: (feature, time) stores
+def _write_feature_time_store(path, X: np.ndarray, chunk_rows: int) -> str:
+    """``X`` as variable ``obs`` of an xarray Dataset in Zarr, stored with dims (feature, time)."""
+    import pandas as pd
+    import xarray as xr
+
+    times = pd.date_range("2024-05-01", periods=len(X), freq="10s")
+    ds = xr.Dataset({"obs": (("feature", "time"), X.T.copy())}, coords={"time": times}).chunk({"time": chunk_rows})
+    ds.to_zarr(path, zarr_format=3, consolidated=False)
+    return str(path)
+
+
+def _stats_values(path) -> dict:
+    import xarray as xr
+
+    ds = xr.open_zarr(path, consolidated=False)
+    return {name: ds[name].values for name in ds.data_vars}
+
+
+def test_accumulate_feature_time_store_with_sample_dim(cli_shards, X, data_path, tmp_path):
+    _, model_path, shards = cli_shards
+    store = _write_feature_time_store(tmp_path / "obs.zarr", X, 900)
+    old = streamem.load(model_path)
+    # In process: the same statistics as from the (sample, feature) array.
+    reference = accumulate(old, data_path, rows=CLI_SHARDS[1])
+    ds = accumulate(old, store, rows=CLI_SHARDS[1], variable="obs", sample_dim="time")
+    for name in reference.data_vars:
+        assert_allclose(ds[name].values, reference[name].values, rtol=1e-12, err_msg=name)
+    # The command line: --variable and --sample-dim.
+    out = tmp_path / "s1.zarr"
+    check_ok(cli("accumulate", model_path, store, "--variable", "obs", "--sample-dim", "time", "--rows", CLI_SHARDS[1],
+                 "--out", out, "--workers", 1, "--threads-per-worker", 1, "--quiet"))  # fmt: skip
+    expected = _stats_values(shards[1])
+    for name, value in _stats_values(out).items():
+        assert_allclose(value, expected[name], rtol=1e-12, err_msg=name)
+    # Without --sample-dim the first dimension (feature) would be the samples: 3 rows of 6000 features.
+    proc = cli("accumulate", model_path, store, "--variable", "obs", "--out", tmp_path / "bad.zarr", "--workers", 1, "--quiet")
+    check_usage_error(proc, "6000 features", "3")
+
+
+# ------------------------------------------- issue 13: shards of one data set only
+def test_reduce_refuses_shards_of_different_data_of_the_same_shape(cli_shards, X, tmp_path):
+    _, model_path, _ = cli_shards
+    old = streamem.load(model_path)
+    other_path = write_zarr(tmp_path / "other.zarr", mixture_sample(N_ROWS, seed=42, spread=0.5), CHUNK_ROWS)
+    ours_path = write_zarr(tmp_path / "ours.zarr", X, CHUNK_ROWS)
+    first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
+    write_stats(accumulate(old, ours_path, rows="0:3000"), first)
+    write_stats(accumulate(old, other_path, rows="3000:6000"), second)
+    with pytest.raises(ValueError, match="different data") as info:
+        reduce_stats(old, [first, second])
+    assert "ours.zarr" in str(info.value) and "other.zarr" in str(info.value)
+    # The command line: one line, exit 2, nothing written.
+    proc = cli("reduce", first, second, "--model", model_path, "--out", tmp_path / "new.zarr")
+    check_usage_error(proc, "ours.zarr", "other.zarr")
+    assert not (tmp_path / "new.zarr").exists()
+
+
+def test_reduce_refuses_shards_of_a_store_rewritten_with_another_dtype(cli_shards, X, tmp_path):
+    _, model_path, _ = cli_shards
+    old = streamem.load(model_path)
+    path = tmp_path / "data.zarr"
+    first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
+    write_stats(accumulate(old, write_zarr(path, X, CHUNK_ROWS), rows="0:3000"), first)
+    import shutil
+
+    shutil.rmtree(path)
+    write_stats(accumulate(old, write_zarr(path, X.astype(np.float32), CHUNK_ROWS), rows="3000:6000"), second)
+    with pytest.raises(ValueError, match="float32"):
+        reduce_stats(old, [first, second])
+
+
+def test_reduce_accepts_one_store_spelt_differently(cli_shards, X, data_path, tmp_path, monkeypatch):
+    import os
+
+    _, model_path, _ = cli_shards
+    old = streamem.load(model_path)
+    store = write_zarr(tmp_path / "data.zarr", X, CHUNK_ROWS)
+    os.symlink(store, tmp_path / "link.zarr")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    spellings = {
+        "0:1500": store,  # absolute
+        "1500:3000": os.path.join("..", "data.zarr"),  # relative to the working directory
+        "3000:4500": str(tmp_path / "sub" / ".." / "data.zarr") + os.sep,  # "..", and a trailing slash
+        "4500:6000": str(tmp_path / "link.zarr"),  # a symbolic link to it
+    }
+    paths = []
+    for i, (rows, spelling) in enumerate(spellings.items()):
+        paths.append(tmp_path / f"s{i}.zarr")
+        write_stats(accumulate(old, spelling, rows=rows), paths[-1])
+    new = reduce_stats(old, paths)
+    _assert_one_iteration(new, old, X)
