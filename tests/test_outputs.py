@@ -210,3 +210,94 @@ def test_output_types_through_fit_on_lazy_data(X, zarr_path):
     model = fit_quietly(streamem.GaussianMixture(n_components=3, tol=0, max_iter=5, **make_inits("diag"), covariance_type="diag"), zarr_path)
     assert type(model.predict(np.asarray(X))) is np.ndarray
     assert isinstance(model.predict(zarr_path), da.Array)
+
+
+# ------------------------------------------- per-row outputs in slices (13.13)
+def _models_with_params(covariance_type: str, K: int, d: int, seed: int = 0):
+    """(streamem, scikit-learn) models holding the same random parameters, without a fit."""
+    rng = np.random.RandomState(seed)
+    weights = rng.dirichlet(np.full(K, 5.0))
+    means = rng.normal(size=(K, d)) * 3
+    if covariance_type in ("full", "tied"):
+        A = rng.normal(size=(K, d, d)) * 0.2 + np.eye(d)
+        covs = A @ A.transpose(0, 2, 1)
+        covs = covs if covariance_type == "full" else covs[0]
+    else:
+        covs = rng.uniform(0.5, 2.0, size=(K, d) if covariance_type == "diag" else K)
+    ours = streamem.GaussianMixture(n_components=K, covariance_type=covariance_type)
+    family = ours._family()
+    prec_chol = family.precision_cholesky(covs)
+    ref = SkGaussianMixture(n_components=K, covariance_type=covariance_type)
+    for model in (ours, ref):
+        model.weights_, model.means_, model.covariances_ = weights, means, covs
+        model.precisions_cholesky_, model.precisions_ = prec_chol, family.precisions(prec_chol)
+        model.converged_, model.n_iter_, model.lower_bound_, model.n_features_in_ = True, 1, 0.0, d
+    return ours, ref
+
+
+def _peak_bytes(fn, *args):
+    """Peak bytes allocated while ``fn(*args)`` runs (numpy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = fn(*args)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+PREDICTIONS = ("predict", "predict_proba", "score_samples", "score", "bic")
+
+
+@pytest.mark.parametrize("method", PREDICTIONS)
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_predictions_of_a_large_model_stay_within_slice_buffers(covariance_type, method):
+    """One 16,384-row chunk, K=64, d=32: the E-step's K x d x n work arrays alone would take 256 MiB.
+
+    Evaluated in slices like fit's E-step, the peak stays below 3 x
+    SLICE_BYTES (96 MiB) including the outputs (8 MiB for predict_proba);
+    the results are scikit-learn's.
+    """
+    from streamem.families.gaussian import SLICE_BYTES
+
+    K, d, n = 64, 32, 16384
+    ours, ref = _models_with_params(covariance_type, K, d)
+    X = ref.sample(n)[0]
+    out, peak = _peak_bytes(getattr(ours, method), X)
+    assert peak < 3 * SLICE_BYTES, f"{method}: peak {peak / 2**20:.0f} MiB"
+    expected = getattr(ref, method)(X)
+    if method == "predict":
+        assert_array_equal(out, expected)
+    else:
+        assert_allclose(out, expected, rtol=1e-8, atol=PROBA_ATOL)
+
+
+def test_outputs_over_many_slices_match_sklearn(monkeypatch, fitted, X_new):
+    """Slices of 256 rows (600 rows: three slices, the last one short) change nothing."""
+    from streamem.families import gaussian
+
+    monkeypatch.setattr(gaussian, "SLICE_ROWS", 256)
+    ours, ref = fitted
+    Xd = da.from_array(X_new, chunks=(550, -1))  # one chunk of three slices, one of a part slice
+    for source in (X_new, Xd):
+        assert_array_equal(np.asarray(ours.predict(source)), ref.predict(X_new))
+        assert_allclose(np.asarray(ours.predict_proba(source)), ref.predict_proba(X_new), rtol=RTOL, atol=PROBA_ATOL)
+        assert_allclose(np.asarray(ours.score_samples(source)), ref.score_samples(X_new), rtol=RTOL)
+        assert_allclose(ours.score(source), ref.score(X_new), rtol=RTOL)
+        assert_allclose(ours.bic(source), ref.bic(X_new), rtol=RTOL)
+
+
+@pytest.mark.parametrize("method", PREDICTIONS)
+def test_predictions_count_nonfinite_values(fitted, X_new, method):
+    """NaN, +inf and -inf (which cancel to NaN in a sum) are counted; huge finite values are not refused."""
+    ours, _ = fitted
+    bad = np.array(X_new)
+    bad[3, 0], bad[10, 1], bad[11, 1] = np.nan, np.inf, -np.inf
+    with pytest.raises(ValueError, match=r"X contains 3 non-finite values"):
+        np.asarray(getattr(ours, method)(bad))
+    huge = np.array(X_new)
+    huge[:4] = 1e308  # their sum overflows; the data are finite
+    with np.errstate(all="ignore"):
+        getattr(ours, method)(huge)
