@@ -18,7 +18,7 @@ mini-batch and their sum ``S``; revisiting a mini-batch replaces its share,
 
 Gaussian statistics are centred at the component means of their E-step
 (DESIGN.md section 2); the means change after every mini-batch, so statistics
-are moved exactly to a common centre (:meth:`GaussianFamily.recentre`) before
+are moved exactly to a common centre (the family's ``recentre``) before
 they are combined.
 """
 
@@ -168,61 +168,18 @@ def _update(
     run.pass_rows += batch.n
     if settings.algorithm == "stepwise":
         if run.stats is None:
-            run.stats, run.center = stats_of_params(family, params), centre
+            run.stats, run.center = family.stats_of_params(params), centre
         eta = settings.eta(run.n_steps)
-        run.stats = recentre(family, run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
+        run.stats = family.recentre(run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
     else:
-        total = batch if run.stats is None else recentre(family, run.stats, run.center, centre) + batch
+        total = batch if run.stats is None else family.recentre(run.stats, run.center, centre) + batch
         if old is not None:
-            total = total - recentre(family, old[0], old[1], centre)
+            total = total - family.recentre(old[0], old[1], centre)
         run.stats = total
     run.center = centre
     run.params = family.m_step(run.stats, centre)
     run.n_steps += 1
     return batch, centre
-
-
-# ---------------------------------------------------------------- statistics
-# Gaussian-specific: these move into the family with the family protocol.
-def recentre(family: Any, stats: SuffStats, old: np.ndarray, new: np.ndarray) -> SuffStats:
-    """The same statistics centred at ``new`` instead of ``old`` (both (K, d)), exactly.
-
-    With ``delta = old - new``: ``s1' = s1 + nk delta`` and
-    ``S2' = S2 + delta s1^T + s1 delta^T + nk delta delta^T`` (summed over
-    components for tied; the diagonal only for diag and spherical).
-    """
-    delta = old - new
-    if not delta.any():
-        return stats
-    nk, s1, s2 = stats["nk"], stats["s1"], stats["s2"]
-    if family.covariance_type in ("full", "tied"):
-        cross = np.einsum("ki,kj->kij", s1, delta)
-        shift = cross + cross.swapaxes(1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
-        s2 = s2 + (shift.sum(axis=0) if family.covariance_type == "tied" else shift)
-    else:
-        s2 = s2 + 2.0 * delta * s1 + nk[:, None] * delta**2
-    return SuffStats({**stats.arrays, "s1": s1 + nk[:, None] * delta, "s2": s2})
-
-
-def stats_of_params(family: Any, params: Any) -> SuffStats:
-    """Statistics of one row's worth of data, centred at the means, whose M-step gives ``params``.
-
-    Stepwise EM starts from them: the initial parameters weigh as one
-    mini-batch, and their weight decays as the steps go on.
-    """
-    w, cov = params.weights / params.weights.sum(), params.covariances
-    K, d = params.means.shape
-    ct = family.covariance_type
-    if ct == "full":
-        s2 = w[:, None, None] * (cov - family.reg_covar * np.eye(d))
-    elif ct == "tied":
-        s2 = cov - family.reg_covar * np.eye(d)
-    elif ct == "diag":
-        s2 = w[:, None] * (cov - family.reg_covar)
-    else:
-        s2 = w[:, None] * np.repeat((cov - family.reg_covar)[:, None], d, axis=1)
-    arrays = {"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "s1": np.zeros((K, d)), "s2": s2}
-    return SuffStats(arrays)
 
 
 # -------------------------------------------------------------------- driver

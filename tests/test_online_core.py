@@ -10,7 +10,7 @@ import streamem
 from streamem.data import load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import GaussianFamily
-from streamem.online import OnlineRun, OnlineSettings, batches_of_chunk, online_em, recentre
+from streamem.online import OnlineRun, OnlineSettings, batches_of_chunk, online_em
 
 
 def _initial(covariance_type: str, X: np.ndarray):
@@ -43,7 +43,7 @@ def test_recentre_equals_statistics_computed_at_the_new_centre(covariance_type):
     new = offset + rng.standard_normal((3, 3)) * 0.02
     family = GaussianFamily(covariance_type)
     stats = family.stats_from_resp(X, resp, old)
-    moved = recentre(family, stats, old, new)
+    moved = family.recentre(stats, old, new)
     exact = _exact_stats(X, resp, new, covariance_type)
     for name in ("nk", "s1", "s2"):
         scale = float(np.max(np.abs(exact[name])))
@@ -92,7 +92,7 @@ def test_incremental_replaces_each_blocks_statistics():
     assert len(blocks) == sum(-(-c // 300) for c in (1000, 1000, 1000, 1000, 500))
     total = None
     for stats, centre in blocks:
-        moved = recentre(family, stats, centre, run.center)
+        moved = family.recentre(stats, centre, run.center)
         total = moved if total is None else total + moved
     for name in ("nk", "s1", "s2"):
         np.testing.assert_allclose(total[name], run.stats[name], rtol=1e-9, atol=1e-9)

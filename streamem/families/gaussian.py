@@ -442,6 +442,47 @@ class GaussianFamily:
         params = self.m_step(stats, center)
         return replace(params, weights=(stats["nk"] + _EPS10) / n_samples)
 
+    # ------------------------------------------------------------ online EM
+    def recentre(self, stats: SuffStats, old: np.ndarray, new: np.ndarray) -> SuffStats:
+        """The same statistics centred at ``new`` instead of ``old`` (both (K, d)), exactly.
+
+        With ``delta = old - new``: ``s1' = s1 + nk delta`` and
+        ``S2' = S2 + delta s1^T + s1 delta^T + nk delta delta^T`` (summed
+        over components for tied; the diagonal only for diag and spherical).
+        Online EM moves statistics of different E-steps to one centre before
+        it combines them.
+        """
+        delta = old - new
+        if not delta.any():
+            return stats
+        nk, s1, s2 = stats["nk"], stats["s1"], stats["s2"]
+        if self.covariance_type in ("full", "tied"):
+            cross = np.einsum("ki,kj->kij", s1, delta)
+            shift = cross + cross.swapaxes(1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
+            s2 = s2 + (shift.sum(axis=0) if self.covariance_type == "tied" else shift)
+        else:
+            s2 = s2 + 2.0 * delta * s1 + nk[:, None] * delta**2
+        return SuffStats({**stats.arrays, "s1": s1 + nk[:, None] * delta, "s2": s2})
+
+    def stats_of_params(self, params: GaussianParams) -> SuffStats:
+        """Statistics of one row's worth of data, centred at the means, whose M-step gives ``params``.
+
+        Stepwise EM starts from them: the starting parameters weigh as much
+        as one mini-batch, and their weight decays with the steps.
+        """
+        w, cov = params.weights / params.weights.sum(), params.covariances
+        K, d = params.means.shape
+        ct = self.covariance_type
+        if ct == "full":
+            s2 = w[:, None, None] * (cov - self.reg_covar * np.eye(d))
+        elif ct == "tied":
+            s2 = cov - self.reg_covar * np.eye(d)
+        elif ct == "diag":
+            s2 = w[:, None] * (cov - self.reg_covar)
+        else:
+            s2 = w[:, None] * np.repeat((cov - self.reg_covar)[:, None], d, axis=1)
+        return SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "s1": np.zeros((K, d)), "s2": s2})
+
     # --------------------------------------------------------- parametrisation
     def precision_cholesky(self, covariances: np.ndarray) -> np.ndarray:
         """Cholesky factors of the precisions, from covariances."""
