@@ -65,6 +65,8 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 FINGERPRINT_ROWS = 16
 #: Estimator settings compared as they are (after conversion to JSON).
 _PLAIN_SETTINGS = ("n_components", "covariance_type", "tol", "reg_covar", "n_init", "init_params", "init_sample_size", "dtype")
+#: Online EM settings, part of the settings of online fits only.
+_ONLINE_SETTINGS = ("algorithm", "batch_size", "step_decay", "step_offset", "step_size", "shuffle")
 
 
 # ---------------------------------------------------------------- what must match on resume
@@ -122,6 +124,8 @@ def fit_settings(model: Any) -> dict[str, Any]:
         A setting has no JSON form; raised here, before any work is done.
     """
     settings = {name: _setting(name, getattr(model, name)) for name in _PLAIN_SETTINGS}
+    if getattr(model, "algorithm", "batch") != "batch":  # batch checkpoints keep their older settings
+        settings.update({name: _setting(name, getattr(model, name)) for name in _ONLINE_SETTINGS})
     random_state = model.random_state
     is_instance = isinstance(random_state, (np.random.RandomState, np.random.Generator))
     settings["random_state"] = "instance" if is_instance else _setting("random_state", random_state)
@@ -279,6 +283,8 @@ def save_checkpoint(
     ds["lower_bound"] = (("run",), np.array([r.lower_bound for r in runs]))
     ds["n_iter"] = (("run",), np.array([r.n_iter for r in runs]))
     ds["converged"] = (("run",), np.array([r.converged for r in runs]))
+    if all(r.stats is not None and r.stats.n > 0 for r in runs):
+        ds = ds.merge(_online_state(runs, covariance_type))
     ds.attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -301,6 +307,21 @@ def save_checkpoint(
     finally:
         os.close(dir_fd)
     _remove_stale(path, keep=name)
+
+
+#: Variables of a state that hold the runs' online state (absent from older states).
+_ONLINE_NAMES = ("online_nk", "online_s1", "online_s2", "online_center", "n_steps")
+
+
+def _online_state(runs: list[EMRun], covariance_type: str) -> xr.Dataset:
+    """What online EM continues from, per run: statistics per row, their centre, the step counter."""
+    from streamem.io import stats_dims
+
+    per_row = [r.stats * (1.0 / r.stats.n) for r in runs]
+    variables = {f"online_{k}": (("run", *stats_dims(k, covariance_type)), np.stack([s[k] for s in per_row])) for k in ("nk", "s1", "s2")}
+    variables["online_center"] = (("run", "component", "feature"), np.stack([np.asarray(r.center) for r in runs]))
+    variables["n_steps"] = (("run",), np.array([r.n_steps for r in runs], dtype=np.int64))
+    return xr.Dataset(variables)
 
 
 #: How often a load follows ``LATEST`` when a concurrent fit replaced the state it named.
@@ -347,6 +368,7 @@ def load_checkpoint(
     for i in range(ds.sizes["run"]):
         r = ds.isel(run=i)
         arrays = {v: r[v].values for v in ("weights", "means", "covariances", "precisions_cholesky")}
+        arrays.update({v: r[v].values for v in _ONLINE_NAMES if v in r})
         bounds = r["lower_bounds"].values
         runs.append(
             (arrays, float(r["lower_bound"]), [float(b) for b in bounds[~np.isnan(bounds)]], int(r["n_iter"]), bool(r["converged"]))

@@ -359,13 +359,22 @@ class DataPasses:
 
 @dataclass(eq=False)
 class EMRun:
-    """The state of one EM run (one initialisation)."""
+    """The state of one EM run (one initialisation).
+
+    ``stats`` are the statistics of the last M-step, centred at ``center``
+    (the means of their E-step): batch EM's sums over all rows, online EM's
+    running statistics; ``n_steps`` counts online EM's M-steps. They let a
+    fit be continued by online EM (``partial_fit``, ``update``).
+    """
 
     params: Any
     lower_bound: float = -np.inf
     lower_bounds: list[float] = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
+    stats: SuffStats | None = None
+    center: np.ndarray | None = None
+    n_steps: int = 0
 
 
 def _stats_of_models(block: np.ndarray, offset: int, payload: tuple[Any, list[Any]]) -> list[SuffStats]:
@@ -404,6 +413,7 @@ def batch_em(
         changes = []
         for run, s in zip(active, stats):
             previous = run.lower_bound
+            run.stats, run.center = s, run.params.means
             run.params = family.m_step(s, run.params.means)
             run.lower_bound = s.loglik / s.n
             run.lower_bounds.append(run.lower_bound)

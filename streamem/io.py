@@ -39,7 +39,17 @@ _PARAM_DIMS = {
 _STORED_PARAMS = (
     "n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
     "random_state", "warm_start", "verbose", "verbose_interval", "init_sample_size", "dtype", "persist", "device",
+    "algorithm", "batch_size", "step_decay", "step_offset", "step_size", "shuffle", "monitor",
 )  # fmt: skip
+#: Model-file variables of the online state (absent from older files, which still load).
+_ONLINE_VARIABLES = ("online_nk", "online_s1", "online_s2", "online_center")
+
+
+def stats_dims(name: str, covariance_type: str) -> tuple[str, ...]:
+    """Dimensions of the Gaussian statistic ``name`` (n, loglik, nk, s1, s2)."""
+    if name == "s2":
+        return {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(covariance_type, ("component", "feature"))
+    return {"n": (), "loglik": (), "nk": ("component",), "s1": ("component", "feature")}[name]
 
 
 def params_dataset(params: Any, covariance_type: str, feature_coord: np.ndarray | None = None) -> xr.Dataset:
@@ -317,6 +327,11 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
     ds = params_dataset(model._params(), model.covariance_type, getattr(model, "feature_coord_", None))
     ds["lower_bounds"] = (("iteration",), np.asarray(model.lower_bounds_, dtype=np.float64))
     ds = ds.assign_coords(iteration=np.arange(1, len(model.lower_bounds_) + 1))
+    online = getattr(model, "online_stats_", None)
+    if online is not None:
+        for k in ("nk", "s1", "s2"):
+            ds[f"online_{k}"] = (stats_dims(k, model.covariance_type), online[k])
+        ds["online_center"] = (("component", "feature"), model.online_center_)
     names = getattr(model, "feature_names_in_", None)
     ds.attrs = {
         "format": FORMAT_NAME,
@@ -329,6 +344,7 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
         "n_iter": int(model.n_iter_),
         "converged": bool(model.converged_),
         "lower_bound": float(model.lower_bound_),
+        "n_steps": int(getattr(model, "n_steps_", 0)),
         "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{f"data_{k}": v for k, v in getattr(model, "fit_data_", {}).items()},
     }
@@ -366,6 +382,10 @@ def load_model(path: str | os.PathLike) -> Any:
         if ds.attrs.get("feature_names_in"):
             model.feature_names_in_ = np.asarray(ds.attrs["feature_names_in"], dtype=object)
         model.fit_data_ = {k[5:]: v for k, v in ds.attrs.items() if k.startswith("data_")}
+        if all(v in ds for v in _ONLINE_VARIABLES):
+            model.online_stats_ = {k: ds[f"online_{k}"].values for k in ("nk", "s1", "s2")}
+            model.online_center_ = ds["online_center"].values
+            model.n_steps_ = int(ds.attrs["n_steps"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: {exc}") from None
     if model.means_.shape != (model.n_components, model.n_features_in_):

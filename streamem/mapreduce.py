@@ -19,8 +19,8 @@ import xarray as xr
 
 from streamem.cluster import resolve_scheduler
 from streamem.data import load_data
-from streamem.em import DataPasses, add_elementwise, _stats_of_models
-from streamem.io import FORMAT_VERSION, open_dataset, write_dataset
+from streamem.em import DataPasses, EMRun, _stats_of_models, add_elementwise
+from streamem.io import FORMAT_VERSION, open_dataset, stats_dims, write_dataset
 from streamem.stats import SuffStats, sum_in_order
 
 FORMAT_NAME = "streamem-stats"
@@ -102,11 +102,7 @@ def accumulate(
     shard = load_data(data.array[start:stop])
     passes = DataPasses(shard, resolve_scheduler(client))
     (stats,) = passes.run(_stats_of_models, (model._family(), [model._params()]), add_elementwise)
-    dims = {"n": (), "loglik": (), "nk": ("component",), "s1": ("component", "feature")}
-    dims["s2"] = {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(
-        model.covariance_type, ("component", "feature")
-    )
-    ds = xr.Dataset({name: (dims[name], value) for name, value in stats.arrays.items()})
+    ds = xr.Dataset({name: (stats_dims(name, model.covariance_type), value) for name, value in stats.arrays.items()})
     ds.attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -189,6 +185,7 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
             setattr(new, name, value)
     family = model._family()
     new._set_params(family, family.m_step(total, model.means_))
+    new._set_online_state(EMRun(new._params(), stats=total, center=model.means_), int(total.n), batch=True)
     previous = model.lower_bound_
     new.lower_bound_ = total.loglik / total.n
     new.lower_bounds_ = list(model.lower_bounds_) + [new.lower_bound_]

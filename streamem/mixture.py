@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Any, Iterator
 
@@ -29,20 +30,26 @@ from streamem.data import InputData, align_features, check_n_samples, load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
 from streamem.init import DEFAULT_SAMPLE_SIZE, INIT_METHODS, initial_params
+from streamem.online import ALGORITHMS, MONITORS, OnlineSettings, incremental_bytes, online_em, steps_for_rows
+from streamem.stats import SuffStats
 
 logger = logging.getLogger("streamem")
 _PARAM_NAMES = ("weights", "means", "covariances", "precisions_cholesky")
 
 
 class GaussianMixture(DensityMixin, BaseEstimator):
-    """Gaussian mixture fitted by batch EM over the chunks of (possibly huge) data.
+    """Gaussian mixture fitted by batch or online EM over the chunks of (possibly huge) data.
 
     Same parameters, defaults and learned attributes as
     :class:`sklearn.mixture.GaussianMixture`; the data may be a numpy array,
     a dask array, a ``zarr.Array``, a path to a Zarr store, or an xarray
-    object. Each EM iteration is one pass over the chunks: every chunk's
-    E-step yields additive statistics and its log-likelihood, a fixed-order
-    tree sums them, and the M-step runs on the client.
+    object. Each batch EM iteration is one pass over the chunks: every
+    chunk's E-step yields additive statistics and its log-likelihood, a
+    fixed-order tree sums them, and the M-step runs on the client. Online EM
+    (``algorithm="stepwise"`` or ``"incremental"``) makes an M-step after
+    every mini-batch of ``batch_size`` rows instead, and gets close to the
+    batch optimum in one to three passes over large data
+    (:mod:`streamem.online`); :meth:`partial_fit` folds in new rows.
 
     Parameters
     ----------
@@ -87,6 +94,43 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         is read and runs the E-step there; dask arrays of CuPy chunks run
         on the GPU whatever this says. Statistics and the M-step stay on the
         host (they are tiny).
+    algorithm : {"batch", "stepwise", "incremental"}, default="batch"
+        Batch EM (scikit-learn's), or online EM: stepwise (running averages
+        of the statistics with decaying steps) or incremental (Neal &
+        Hinton: each mini-batch's last statistics are replaced when it is
+        revisited; memory: one set of statistics per mini-batch, K x d x d
+        floats for full covariances, held on the client; a configuration
+        that would take more than a quarter of the available memory is
+        refused). For the online algorithms ``max_iter`` counts passes over
+        the data and ``tol`` applies to the change of the mean
+        log-likelihood per pass (see ``monitor``).
+    batch_size : int, default=2000
+        Rows per mini-batch of the online algorithms, at most: each chunk is
+        cut into ``ceil(rows / batch_size)`` mini-batches of nearly equal
+        size, independent of the storage chunking otherwise. What makes
+        online EM converge is the number of M-steps, so mini-batches must be
+        small: a chunk-sized one is far too large. The default was chosen
+        with ``scripts/bench/bench_online.py`` (README, "Online EM").
+    step_decay : float, default=0.6
+        ``alpha`` in (0.5, 1] of stepwise EM's steps ``eta_t = (t +
+        step_offset) ** -alpha``: smaller forgets old mini-batches faster.
+        Chosen with the same benchmark.
+    step_offset : float, default=2.0
+        ``t0 >= 1`` in the steps above (1 makes the first step 1).
+    step_size : float, optional
+        A constant step in (0, 1] instead of the decaying ones: for drifting
+        data, where old rows should be forgotten at a fixed rate.
+    shuffle : bool, default=True
+        Online passes visit the chunks in an order shuffled per pass (from
+        ``random_state``) and the rows of a chunk in a shuffled order
+        (stepwise) or its mini-batches in a shuffled order (incremental);
+        False: storage order.
+    monitor : {"online", "exact"}, default="online"
+        The mean log-likelihood an online pass reports: "online" averages
+        every mini-batch's log-likelihood under the parameters of its
+        E-step (free, but the parameters change during the pass, so it is
+        not the batch objective); "exact" computes the log-likelihood of all
+        rows under the parameters at the end of the pass (one more pass).
 
     Attributes
     ----------
@@ -109,6 +153,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Passes over the data the last fit made (initialisation included).
     tasks_per_pass_ : int
         Dask tasks in the graph of the last pass (chunk reads included).
+    n_steps_ : int
+        Online EM's step counter ``t``: M-steps made by online EM, or after
+        a batch fit the count at which one more mini-batch of the same data
+        gets weight ``batch_size / n_samples`` (see :meth:`partial_fit`).
+    online_stats_ : dict of ndarray
+        The statistics online EM continues from, per row (``nk``, ``s1``,
+        ``s2``), centred at ``online_center_``. Saved in model files.
+    online_center_ : ndarray of shape (n_components, n_features)
     """
 
     def __init__(
@@ -133,6 +185,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         dtype: str = "float64",
         persist: str = "auto",
         device: str = "cpu",
+        algorithm: str = "batch",
+        batch_size: int = 2000,
+        step_decay: float = 0.6,
+        step_offset: float = 2.0,
+        step_size: float | None = None,
+        shuffle: bool = True,
+        monitor: str = "online",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -153,6 +212,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.dtype = dtype
         self.persist = persist
         self.device = device
+        self.algorithm = algorithm
+        self.batch_size = batch_size
+        self.step_decay = step_decay
+        self.step_offset = step_offset
+        self.step_size = step_size
+        self.shuffle = shuffle
+        self.monitor = monitor
 
     def __sklearn_clone__(self) -> "GaussianMixture":
         """scikit-learn's ``clone``, except that the clone shares ``client``.
@@ -183,7 +249,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         resume: bool = False,
         progress: bool = False,
     ) -> "GaussianMixture":
-        """Fit the mixture by batch EM.
+        """Fit the mixture by batch or online EM (``algorithm``).
 
         Parameters
         ----------
@@ -201,7 +267,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             methods take the same keyword, and ``variable``/``sample_dim``.
         checkpoint : str or os.PathLike, optional
             A directory where the state of the fit is saved after every
-            M-step (see :mod:`streamem.checkpoint`).
+            iteration of batch EM or pass of online EM (see
+            :mod:`streamem.checkpoint`).
         resume : bool, default=False
             Continue from ``checkpoint`` if it holds a state; a state made for
             other data or other settings is refused with a ValueError.
@@ -213,8 +280,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self
         """
         self._check_parameters()
-        data = self._load(X, variable, sample_dim, reset=True, missing_chunks=missing_chunks)
+        continuing = self.warm_start and hasattr(self, "converged_")
+        if continuing:
+            data = self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks)
+            self._record_fit_data(data)
+        else:
+            data = self._load(X, variable, sample_dim, reset=True, missing_chunks=missing_chunks)
         check_n_samples(data, self.n_components)
+        self._check_online_memory(data)
         self._check_initial_parameters(data.n_features)
         if resume and checkpoint is None:
             raise ValueError("resume=True needs checkpoint= naming the checkpoint directory")
@@ -228,29 +301,26 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if resume and checkpoint_exists(checkpoint):
             # Refuse a wrong checkpoint before any work starts on the cluster.
             saved, start_iter = load_checkpoint(checkpoint, settings, fingerprint)
-            runs = [EMRun(GaussianParams(*(a[v] for v in _PARAM_NAMES)), lb, lbs, n_iter, conv) for a, lb, lbs, n_iter, conv in saved]
+            runs = [_run_from_arrays(*state) for state in saved]
         persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
         passes = DataPasses(data, scheduler, progress=progress, persist=persist)
 
         def save_state(iteration: int, runs: list[EMRun]) -> None:
             save_checkpoint(checkpoint, runs, iteration, self.covariance_type, settings, fingerprint)
 
+        rng = check_random_state(self.random_state)
         try:  # the workers let go of persisted chunks however the fit ends
-            if runs is None and self.warm_start and hasattr(self, "converged_"):
-                runs = [EMRun(self._params(), lower_bound=self.lower_bound_)]
+            if runs is None and continuing:
+                runs = [self._current_run()]
             elif runs is None:
-                runs = [EMRun(params) for params in self._initial_runs(passes, family, check_random_state(self.random_state))]
+                runs = [EMRun(params) for params in self._initial_runs(passes, family, rng)]
+            common = dict(tol=self.tol, max_iter=self.max_iter, start_iter=start_iter, log_every=self.verbose_interval)
+            callback = save_state if checkpoint is not None else None
             with self._logging():
-                batch_em(
-                    passes,
-                    family,
-                    runs,
-                    tol=self.tol,
-                    max_iter=self.max_iter,
-                    start_iter=start_iter,
-                    callback=save_state if checkpoint is not None else None,
-                    log_every=self.verbose_interval,
-                )
+                if self.algorithm == "batch":
+                    batch_em(passes, family, runs, callback=callback, **common)
+                else:
+                    online_em(passes, family, runs, self._online_settings(), rng=rng, monitor=self.monitor, callback=callback, **common)
         finally:
             passes.close()
 
@@ -270,6 +340,72 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.lower_bounds_ = list(run.lower_bounds)
         self.n_data_passes_ = passes.n_passes
         self.tasks_per_pass_ = passes.tasks_per_pass
+        self._set_online_state(run, data.n_samples, batch=self.algorithm == "batch")
+        return self
+
+    def partial_fit(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        variable: str | None = None,
+        sample_dim: str | None = None,
+        missing_chunks: str = "raise",
+        progress: bool = False,
+    ) -> "GaussianMixture":
+        """One stepwise EM pass over the rows of ``X``, in their order, in mini-batches of ``batch_size``.
+
+        The first call (on an unfitted model) initialises from the given
+        ``*_init`` arrays or by ``init_params`` on this call's rows (one
+        run: ``n_init`` does not apply). Later calls, and calls after
+        :meth:`fit` or on a loaded model, continue from the model's online
+        state (``online_stats_``, ``n_steps_``): the step counter and the
+        averaged statistics carry over from call to call, so calls over the
+        chunks of a data set in order equal one stepwise pass with
+        ``shuffle=False``. A model without online state (saved by an older
+        streamem) continues as if after a batch fit on the rows it was
+        fitted on (``fit_data_``). ``step_size`` makes the steps constant.
+
+        Parameters
+        ----------
+        X, variable, sample_dim, missing_chunks, progress
+            As for :meth:`fit`.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_parameters()
+        first = not hasattr(self, "weights_")
+        data = self._load(X, variable, sample_dim, reset=first, missing_chunks=missing_chunks)
+        if not first:
+            self._record_fit_data(data)
+        family = self._family()
+        scheduler = resolve_scheduler(self.client)
+        passes = DataPasses(data, scheduler, progress=progress)
+        settings = replace(self._online_settings(), algorithm="stepwise", shuffle=False)
+        rng = check_random_state(self.random_state)
+        try:
+            if first:
+                check_n_samples(data, self.n_components)
+                self._check_initial_parameters(data.n_features)
+                run = EMRun(self._initial_runs(passes, family, rng, n_runs=1)[0])
+                previous: list[float] = []
+            else:
+                run, previous = self._current_run(), list(self.lower_bounds_)
+            with self._logging():
+                online_em(passes, family, [run], settings, tol=0.0, max_iter=1, rng=rng, log_every=self.verbose_interval)
+        finally:
+            passes.close()
+        self._set_params(family, run.params)
+        self.converged_ = False
+        self.n_iter_ = len(previous) + 1
+        self.lower_bound_ = float(run.lower_bound)
+        self.lower_bounds_ = previous + [self.lower_bound_]
+        self.n_data_passes_ = passes.n_passes
+        self.tasks_per_pass_ = passes.tasks_per_pass
+        self._set_online_state(run, data.n_samples)
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
@@ -395,6 +531,66 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.precisions_cholesky_ = params.precisions_cholesky
         self.precisions_ = family.precisions(params.precisions_cholesky)
 
+    def _online_settings(self) -> OnlineSettings:
+        algorithm = "stepwise" if self.algorithm == "batch" else self.algorithm
+        return OnlineSettings(
+            algorithm, int(self.batch_size), float(self.step_decay), float(self.step_offset),
+            None if self.step_size is None else float(self.step_size), bool(self.shuffle),
+        )  # fmt: skip
+
+    def _current_run(self) -> EMRun:
+        """The fitted model as a run to continue: parameters and online state."""
+        run = EMRun(self._params(), lower_bound=self.lower_bound_)
+        state = getattr(self, "online_stats_", None)
+        if state is not None:
+            run.stats = SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), **state})
+            run.center, run.n_steps = self.online_center_, int(self.n_steps_)
+        else:  # a model saved before online EM: as if after a batch fit on its data
+            rows = int(getattr(self, "fit_data_", {}).get("shape", [0])[0])
+            run.n_steps = steps_for_rows(rows, self._online_settings())
+        return run
+
+    def _set_online_state(self, run: EMRun, n_samples: int, *, batch: bool = False) -> None:
+        """Keep what online EM continues from: statistics per row, their centre, the step counter.
+
+        After batch EM (``batch``) the counter is set so that one more
+        mini-batch of the same data would weigh its share of the rows.
+        """
+        if run.stats is None or run.stats.n <= 0:
+            self.online_stats_, self.online_center_ = None, None
+            self.n_steps_ = int(run.n_steps)
+            return
+        per_row = run.stats * (1.0 / run.stats.n)
+        self.online_stats_ = {name: per_row[name] for name in ("nk", "s1", "s2")}
+        self.online_center_ = np.asarray(run.center, dtype=np.float64)
+        if batch:
+            self.n_steps_ = steps_for_rows(n_samples, self._online_settings())
+        else:
+            self.n_steps_ = int(run.n_steps)
+
+    def _check_online_memory(self, data: InputData) -> None:
+        """Refuse an incremental configuration whose per-mini-batch statistics would not fit."""
+        if self.algorithm != "incremental":
+            return
+        import psutil
+
+        need = self.n_init * incremental_bytes(data.array.chunks[0], int(self.batch_size), self.n_components, data.n_features, self.covariance_type)
+        have = psutil.virtual_memory().available
+        if need > have / 4:
+            raise ValueError(
+                f"algorithm='incremental' keeps one set of statistics per mini-batch: with batch_size={self.batch_size} "
+                f"and n_init={self.n_init} that is {need / 2**30:.2f} GiB, more than a quarter of the available memory "
+                f"({have / 2**30:.1f} GiB); increase batch_size or use algorithm='stepwise'"
+            )
+
+    def _record_fit_data(self, data: InputData) -> None:
+        self.fit_data_ = {
+            "source": data.source,
+            "shape": list(data.array.shape),
+            "row_chunks": [int(c) for c in data.array.chunks[0]],
+            "dtype": str(data.array.dtype),
+        }
+
     def _load(
         self, X: Any, variable: str | None, sample_dim: str | None, *, reset: bool, missing_chunks: str = "raise"
     ) -> InputData:
@@ -411,12 +607,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if reset:
             self.n_features_in_ = data.n_features
             self.feature_coord_ = data.feature_coord
-            self.fit_data_ = {
-                "source": data.source,
-                "shape": list(data.array.shape),
-                "row_chunks": [int(c) for c in data.array.chunks[0]],
-                "dtype": str(data.array.dtype),
-            }
+            self._record_fit_data(data)
             return data
         data = align_features(data, getattr(self, "feature_coord_", None))
         if data.n_features != self.n_features_in_:
@@ -437,15 +628,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         passes = DataPasses(data, "threads" if data.kind == "numpy" else resolve_scheduler(self.client))
         return float(passes.run(_block_loglik_sum, (self._family(), self._params()), _add_floats))
 
-    def _initial_runs(self, passes: DataPasses, family: GaussianFamily, rng: np.random.RandomState) -> list[GaussianParams]:
-        """Initial parameters of the ``n_init`` runs, user-given parts included."""
+    def _initial_runs(
+        self, passes: DataPasses, family: GaussianFamily, rng: np.random.RandomState, n_runs: int | None = None
+    ) -> list[GaussianParams]:
+        """Initial parameters of ``n_runs`` runs (default ``n_init``), user-given parts included."""
+        n_runs = self.n_init if n_runs is None else n_runs
         user = (self.weights_init, self.means_init, self.precisions_init)
         if all(v is not None for v in user):
             prec_chol = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, dtype=np.float64))
             covariances = family.covariances_from_precision_cholesky(prec_chol)
             weights, means = np.asarray(self.weights_init, float), np.asarray(self.means_init, float)
-            return [GaussianParams(weights, means, covariances, prec_chol) for _ in range(self.n_init)]
-        runs = initial_params(passes, family, self.n_components, self.init_params, rng, self.n_init, self.init_sample_size)
+            return [GaussianParams(weights, means, covariances, prec_chol) for _ in range(n_runs)]
+        runs = initial_params(passes, family, self.n_components, self.init_params, rng, n_runs, self.init_sample_size)
         for params in runs:
             if self.weights_init is not None:
                 params.weights = np.asarray(self.weights_init, dtype=np.float64)
@@ -499,6 +693,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.init_params not in INIT_METHODS:
             raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+        _check_int("batch_size", self.batch_size, 1)
+        if isinstance(self.step_decay, bool) or not isinstance(self.step_decay, Real) or not 0.5 < self.step_decay <= 1.0:
+            raise ValueError(f"step_decay must be a number in (0.5, 1], got {self.step_decay!r}")
+        _check_real("step_offset", self.step_offset, 1.0)
+        if self.step_size is not None and (
+            isinstance(self.step_size, bool) or not isinstance(self.step_size, Real) or not 0.0 < self.step_size <= 1.0
+        ):
+            raise ValueError(f"step_size must be None or a number in (0, 1], got {self.step_size!r}")
+        if not isinstance(self.shuffle, (bool, np.bool_)):
+            raise ValueError(f"shuffle must be True or False, got {self.shuffle!r}")
 
     def _check_initial_parameters(self, n_features: int) -> None:
         K, d = self.n_components, n_features
@@ -520,6 +728,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                         raise ValueError(f"precisions_init must be symmetric positive-definite for covariance_type={ct!r}")
             elif np.any(p <= 0):
                 raise ValueError(f"precisions_init must be positive for covariance_type={ct!r}")
+
+
+def _run_from_arrays(arrays: dict[str, np.ndarray], lower_bound: float, lower_bounds: list[float], n_iter: int, converged: bool) -> EMRun:
+    """A run from a checkpoint's arrays (online state included when it was saved)."""
+    run = EMRun(GaussianParams(*(arrays[v] for v in _PARAM_NAMES)), lower_bound, lower_bounds, n_iter, converged)
+    if "online_nk" in arrays:
+        run.stats = SuffStats(
+            {"n": np.float64(1.0), "loglik": np.float64(0.0), **{k: arrays[f"online_{k}"] for k in ("nk", "s1", "s2")}}
+        )
+        run.center, run.n_steps = arrays["online_center"], int(arrays["n_steps"])
+    return run
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

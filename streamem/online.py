@@ -24,16 +24,23 @@ they are combined.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from streamem.backend import to_numpy
+from streamem.em import EMRun
 from streamem.stats import SuffStats
 
+logger = logging.getLogger("streamem")
+
 ALGORITHMS = ("batch", "stepwise", "incremental")
+#: What an online pass reports as its mean log-likelihood (see :func:`online_em`).
+MONITORS = ("online", "exact")
 
 
 @dataclass(frozen=True)
@@ -186,61 +193,77 @@ def _update(
 def online_em(
     passes: Any,
     family: Any,
-    runs: list[OnlineRun],
+    runs: list[EMRun],
     settings: OnlineSettings,
     *,
     tol: float,
     max_iter: int,
     rng: np.random.RandomState,
     monitor: str = "online",
-    callback: Any = None,
-    start_pass: int = 0,
+    callback: Callable[[int, list[EMRun]], None] | None = None,
+    start_iter: int = 0,
     log_every: int = 1,
-) -> list[tuple[OnlineRun, list[float], bool, int]]:
+) -> list[EMRun]:
     """Online EM for several runs at once, sharing one chain of chunk tasks per pass.
 
-    ``max_iter`` counts passes. After each pass, a run's mean log-likelihood
-    is the average over the pass's rows of each mini-batch's log-likelihood
-    under the parameters of its E-step (``monitor="online"``: free, but not
-    the batch objective, since the parameters changed during the pass), or
-    the log-likelihood of all rows under the parameters at the end of the
-    pass (``monitor="exact"``: one more data pass). A run stops when that
-    changes by less than ``tol``. Returns, per run, the run, its bounds per
-    pass, whether it converged and the passes made.
-    """
-    import logging
-    import time
+    ``max_iter`` counts passes (``run.n_iter``). A run's ``stats``,
+    ``center`` and ``n_steps`` are its online state: a run that has them
+    continues from them (warm start, ``partial_fit``, ``update``).
 
-    logger = logging.getLogger("streamem")
-    bounds: list[list[float]] = [[] for _ in runs]
-    converged = [False] * len(runs)
-    n_pass = [start_pass] * len(runs)
-    for pass_index in range(start_pass + 1, max_iter + 1):
-        active = [i for i in range(len(runs)) if not converged[i]]
+    After each pass a run's mean log-likelihood (``run.lower_bounds``) is,
+    with ``monitor="online"``, the average over the pass's rows of every
+    mini-batch's log-likelihood under the parameters of its E-step: free,
+    but not the batch objective, since the parameters change during the
+    pass; with ``monitor="exact"``, the log-likelihood of all rows under
+    the parameters at the end of the pass (one more data pass). A run stops
+    when that changes by less than ``tol``. ``callback(pass, runs)`` is
+    called after every pass. Incremental EM's per-mini-batch statistics
+    live only as long as this call: a continued incremental fit rebuilds
+    them in its first pass (its running sum restarts from zero).
+    """
+    n = passes.data.n_samples
+    online = [_as_online(run, settings) for run in runs]
+    for pass_index in range(start_iter + 1, max_iter + 1):
+        active = [i for i, run in enumerate(runs) if not run.converged]
         if not active:
             break
         tic = time.perf_counter()
         pass_seed = int(rng.randint(2**31 - 1))
-        new_runs = passes.chain(online_link, [runs[i] for i in active], family, settings, pass_seed)
+        after = passes.chain(online_link, [online[i] for i in active], family, settings, pass_seed)
         if monitor == "exact":
-            exact = passes.run(_loglik_of_models, (family, [r.params for r in new_runs]), _add_lists)
-        for j, (i, run) in enumerate(zip(active, new_runs)):
-            value = exact[j] / passes.data.n_samples if monitor == "exact" else run.pass_loglik / max(run.pass_rows, 1.0)
-            previous = bounds[i][-1] if bounds[i] else -np.inf
-            bounds[i].append(value)
-            runs[i] = run
-            n_pass[i] = pass_index
-            converged[i] = abs(value - previous) < tol
-            if pass_index % log_every == 0 or converged[i] or pass_index == max_iter:
+            exact = passes.run(_loglik_of_models, (family, [r.params for r in after]), _add_lists)
+        seconds = time.perf_counter() - tic
+        for j, (i, state) in enumerate(zip(active, after)):
+            online[i] = state
+            run = runs[i]
+            value = exact[j] / n if monitor == "exact" else state.pass_loglik / max(state.pass_rows, 1.0)
+            change = value - run.lower_bound
+            run.params, run.stats, run.center, run.n_steps = state.params, state.stats, state.center, state.n_steps
+            run.lower_bound = value
+            run.lower_bounds.append(value)
+            run.n_iter = pass_index
+            run.converged = abs(change) < tol
+            if pass_index % log_every == 0 or run.converged or pass_index == max_iter:
                 logger.info(
-                    "pass %d%s: mean log-likelihood %.10g (%s), change %.3g, %d steps, %.2f s",
+                    "pass %d%s: mean log-likelihood %.10g (%s), change %.3g, %d steps, %.2f s, %.3g rows/s",
                     pass_index, f" (run {i})" if len(runs) > 1 else "", value,
-                    "exact" if monitor == "exact" else "online average", value - previous,
-                    run.n_steps, time.perf_counter() - tic,
+                    "exact" if monitor == "exact" else "online average over the pass", change,
+                    state.n_steps, seconds, n / seconds,
                 )  # fmt: skip
         if callback is not None:
-            callback(pass_index, runs, bounds, converged)
-    return [(run, b, c, n) for run, b, c, n in zip(runs, bounds, converged, n_pass)]
+            callback(pass_index, runs)
+    return runs
+
+
+def _as_online(run: EMRun, settings: OnlineSettings) -> OnlineRun:
+    """The online state of ``run``: its own if it has one of the right kind.
+
+    Incremental EM cannot reuse a running sum whose per-mini-batch parts are
+    gone; stepwise EM takes any statistics, as averages per row.
+    """
+    if run.stats is None or run.stats.n <= 0 or settings.algorithm == "incremental":
+        return OnlineRun(run.params, n_steps=run.n_steps)
+    return OnlineRun(run.params, run.stats * (1.0 / run.stats.n), run.center, run.n_steps)
 
 
 def _loglik_of_models(block: Any, offset: int, payload: tuple) -> list[float]:
@@ -251,3 +274,24 @@ def _loglik_of_models(block: Any, offset: int, payload: tuple) -> list[float]:
 
 def _add_lists(a: list[float], b: list[float]) -> list[float]:
     return [x + y for x, y in zip(a, b)]
+
+
+def steps_for_rows(n_rows: int, settings: OnlineSettings) -> int:
+    """The step count at which the next mini-batch weighs ``batch_size / n_rows``.
+
+    After a batch fit on ``n_rows`` rows, stepwise EM continues from this
+    count: one more mini-batch of the same data then weighs its share, as
+    in a running average.
+    """
+    if n_rows <= 0 or settings.step_size is not None:
+        return 0
+    t = (n_rows / settings.batch_size) ** (1.0 / settings.step_decay) - settings.step_offset
+    return int(max(0.0, min(t, 2.0**62)))
+
+
+def incremental_bytes(row_chunks: Any, batch_size: int, n_components: int, n_features: int, covariance_type: str) -> int:
+    """Memory incremental EM holds for one run: one set of statistics (and its centre) per mini-batch."""
+    K, d = n_components, n_features
+    n_batches = sum(math.ceil(int(rows) / batch_size) for rows in row_chunks)
+    s2 = {"full": K * d * d, "tied": d * d}.get(covariance_type, K * d)
+    return n_batches * 8 * (2 + K + 2 * K * d + s2)

@@ -10,7 +10,7 @@ import streamem
 from streamem.data import load_data
 from streamem.em import DataPasses, EMRun, batch_em
 from streamem.families.gaussian import GaussianFamily
-from streamem.online import OnlineRun, OnlineSettings, batches_of_chunk, online_em
+from streamem.online import OnlineRun, OnlineSettings, batches_of_chunk, online_em, online_link
 
 
 def _initial(covariance_type: str, X: np.ndarray):
@@ -57,8 +57,9 @@ def test_stepwise_one_batch_of_all_rows_with_unit_step_is_one_batch_iteration(co
     family = GaussianFamily(covariance_type)
     passes = DataPasses(load_data(X, chunk_rows=len(X)), "threads")
     settings = OnlineSettings("stepwise", batch_size=len(X), step_offset=1.0, step_decay=0.7, shuffle=False)
-    ((run, bounds, _, _),) = online_em(passes, family, [OnlineRun(params)], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
     (batch,) = batch_em(passes, family, [EMRun(params)], tol=0.0, max_iter=1)
+    bounds = run.lower_bounds
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
         np.testing.assert_allclose(getattr(run.params, name), getattr(batch.params, name), rtol=1e-12, atol=1e-13, err_msg=name)
     assert bounds == pytest.approx([batch.lower_bound], rel=1e-14)
@@ -72,9 +73,8 @@ def test_incremental_objective_never_decreases_over_passes(covariance_type):
     family = GaussianFamily(covariance_type)
     passes = DataPasses(load_data(X, chunk_rows=700), "threads")
     settings = OnlineSettings("incremental", batch_size=250)
-    ((run, bounds, _, _),) = online_em(
-        passes, family, [OnlineRun(params)], settings, tol=0.0, max_iter=5, rng=np.random.RandomState(0), monitor="exact"
-    )
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=5, rng=np.random.RandomState(0), monitor="exact")
+    bounds = run.lower_bounds
     assert np.all(np.diff(bounds) >= -1e-12), bounds
     # It reaches the batch optimum: EM's fixed point from the same start.
     (batch,) = batch_em(passes, family, [EMRun(params)], tol=1e-12, max_iter=500)
@@ -87,7 +87,9 @@ def test_incremental_replaces_each_blocks_statistics():
     family = GaussianFamily("full")
     passes = DataPasses(load_data(X, chunk_rows=1000), "threads")
     settings = OnlineSettings("incremental", batch_size=300)
-    ((run, _, _, _),) = online_em(passes, family, [OnlineRun(_initial("full", X))], settings, tol=0.0, max_iter=2, rng=np.random.RandomState(0))
+    run = OnlineRun(_initial("full", X))
+    for pass_seed in (3, 4):  # two passes: the second replaces every block's statistics
+        (run,) = passes.chain(online_link, [run], family, settings, pass_seed)
     blocks = [(stats, centre) for chunk in run.blocks.values() for stats, centre in chunk.values()]
     assert len(blocks) == sum(-(-c // 300) for c in (1000, 1000, 1000, 1000, 500))
     total = None
@@ -108,9 +110,8 @@ def test_stepwise_reaches_batch_optimum_on_well_separated_data():
     params = _start(X, means + 1.0)
     passes = DataPasses(load_data(X, chunk_rows=10_000), "threads")
     settings = OnlineSettings("stepwise", batch_size=500)
-    ((run, bounds, _, _),) = online_em(
-        passes, family, [OnlineRun(params)], settings, tol=0.0, max_iter=3, rng=np.random.RandomState(0), monitor="exact"
-    )
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=3, rng=np.random.RandomState(0), monitor="exact")
+    bounds = run.lower_bounds
     (batch,) = batch_em(passes, family, [EMRun(params)], tol=1e-10, max_iter=300)
     assert batch.lower_bound - bounds[-1] < 1e-3
     assert batch.lower_bound - bounds[-1] > -1e-9  # the batch optimum is a (local) maximum
@@ -142,4 +143,4 @@ def test_non_finite_rows_are_reported_by_global_row():
     passes = DataPasses(load_data(X, chunk_rows=(500, 900, 300, 1200, 650, 400, 550)[0]), "threads")
     settings = OnlineSettings("stepwise", batch_size=100)
     with pytest.raises(ValueError, match="rows 2345 to 2345"):
-        online_em(passes, GaussianFamily("full"), [OnlineRun(_initial("full", make_data()))], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
+        online_em(passes, GaussianFamily("full"), [EMRun(_initial("full", make_data()))], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
