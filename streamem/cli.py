@@ -54,6 +54,12 @@ FIT_OPTIONS = (
     Option("persist", str, "keep data in worker memory across iterations (default auto)", ("auto", "always", "never")),
     Option("device", str, "where the E-step runs (default cpu; cuda needs CuPy)", ("cpu", "cuda")),
     Option("dtype", str, "precision of the E-step arithmetic (default float64)", ("float64", "float32")),
+    Option("algorithm", str, "batch EM, or online EM: stepwise or incremental (default batch)", ("batch", "stepwise", "incremental")),
+    Option("batch_size", int, "rows per online mini-batch (default 2000)"),
+    Option("step_decay", float, "stepwise steps (t + step_offset) ** -step_decay, in (0.5, 1] (default 0.6)"),
+    Option("step_offset", float, "stepwise step offset, >= 1 (default 2)"),
+    Option("step_size", float, "a constant online step in (0, 1] instead, for drifting data"),
+    Option("monitor", str, "what an online pass reports (default online; exact costs a pass)", ("online", "exact")),
     Option("variable", str, "variable of a Zarr group / xarray Dataset holding the data", estimator=False),
     Option("sample_dim", str, "sample dimension of an xarray store (default: the first)", estimator=False),
     Option("checkpoint", str, "checkpoint directory, written after every M-step", estimator=False),
@@ -258,6 +264,43 @@ def cmd_fit(args: argparse.Namespace) -> None:
          f"mean log-likelihood {model.lower_bound_:.6f}; saved {args.out}")
 
 
+#: ``update`` settings: the online ones, the data's and the checkpoint's.
+UPDATE_OPTIONS = ("batch_size", "step_decay", "step_offset", "step_size", "monitor", "variable", "sample_dim", "checkpoint", "resume", "overwrite")
+
+
+def cmd_update(args: argparse.Namespace) -> None:
+    import streamem
+
+    settings = merged_settings(args)
+    overwrite = bool(settings.get("overwrite"))
+    check_out(args.out, overwrite)
+    model = streamem.load(args.model)
+    streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
+    if args.passes < 1:
+        raise UsageError(f"--passes must be >= 1, got {args.passes}")
+    online = {name: settings[name] for name in ("batch_size", "step_decay", "step_offset", "step_size", "monitor") if name in settings}
+    model.set_params(algorithm="stepwise", warm_start=True, max_iter=args.passes, verbose_interval=1, **online)
+    n_steps = model._current_run().n_steps
+    with dask_client(settings, args.quiet) as client:
+        model.set_params(client=client, verbose=0 if args.quiet else 1)
+        tic = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if args.quiet else "default")
+            model.fit(
+                args.data,
+                variable=settings.get("variable"),
+                sample_dim=settings.get("sample_dim"),
+                checkpoint=settings.get("checkpoint"),
+                resume=bool(settings.get("resume")),
+                progress=_progress(args),
+            )
+        seconds = time.perf_counter() - tic
+    model.set_params(client=None, verbose=0)
+    model.save(args.out, overwrite=overwrite)
+    _say(args.quiet, f"updated in {seconds:.1f} s: {model.n_steps_ - n_steps} steps over {model.fit_data_['shape'][0]:,} new rows, "
+         f"mean log-likelihood {model.lower_bound_:.6f} (online average); saved {args.out}")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     import xarray as xr
 
@@ -398,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="Zarr store (array, or group with --variable)")
     p.add_argument("--out", required=True, help="model store to write (Zarr)")
     _add_options(p.add_argument_group("model"), FIT_OPTIONS)
+
+    p = command("update", cmd_update, "fold NEW_DATA into MODEL by stepwise EM (keeping its component labels); save to --out", cluster=True)
+    p.add_argument("model", help="model store to start from (Zarr)")
+    p.add_argument("data", help="the new rows only: Zarr store (array, or group with --variable)")
+    p.add_argument("--out", required=True, help="updated model store to write (Zarr)")
+    p.add_argument("--passes", type=int, default=1, help="passes over the new rows (default 1)")
+    _add_options(p.add_argument_group("online EM"), [o for o in FIT_OPTIONS if o.name in UPDATE_OPTIONS])
 
     for name, func, help in (("predict", cmd_predict, "write labels (and --proba, --score) for every row of DATA"),
                              ("score", cmd_score, "print mean log-likelihood, BIC and AIC of MODEL on DATA"),

@@ -320,7 +320,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 if self.algorithm == "batch":
                     batch_em(passes, family, runs, callback=callback, **common)
                 else:
-                    online_em(passes, family, runs, self._online_settings(), rng=rng, monitor=self.monitor, callback=callback, **common)
+                    seed = _shuffle_seed(self.random_state)
+                    online_em(passes, family, runs, self._online_settings(), seed=seed, monitor=self.monitor, callback=callback, **common)
         finally:
             passes.close()
 
@@ -395,7 +396,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             else:
                 run, previous = self._current_run(), list(self.lower_bounds_)
             with self._logging():
-                online_em(passes, family, [run], settings, tol=0.0, max_iter=1, rng=rng, log_every=self.verbose_interval)
+                online_em(passes, family, [run], settings, tol=0.0, max_iter=1, seed=0, log_every=self.verbose_interval)
         finally:
             passes.close()
         self._set_params(family, run.params)
@@ -728,6 +729,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                         raise ValueError(f"precisions_init must be symmetric positive-definite for covariance_type={ct!r}")
             elif np.any(p <= 0):
                 raise ValueError(f"precisions_init must be positive for covariance_type={ct!r}")
+
+
+def _shuffle_seed(random_state: Any) -> int:
+    """The seed of online EM's shuffles: the same for the same int ``random_state``, whatever the initialisation drew."""
+    return int(check_random_state(random_state).randint(2**31 - 1))
 
 
 def _run_from_arrays(arrays: dict[str, np.ndarray], lower_bound: float, lower_bounds: list[float], n_iter: int, converged: bool) -> EMRun:

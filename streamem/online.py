@@ -198,7 +198,7 @@ def online_em(
     *,
     tol: float,
     max_iter: int,
-    rng: np.random.RandomState,
+    seed: int,
     monitor: str = "online",
     callback: Callable[[int, list[EMRun]], None] | None = None,
     start_iter: int = 0,
@@ -206,7 +206,9 @@ def online_em(
 ) -> list[EMRun]:
     """Online EM for several runs at once, sharing one chain of chunk tasks per pass.
 
-    ``max_iter`` counts passes (``run.n_iter``). A run's ``stats``,
+    ``max_iter`` counts passes (``run.n_iter``). The shuffles of a pass
+    come from ``(seed, steps made so far)``, so a resumed fit repeats the
+    passes of the fit it continues exactly. A run's ``stats``,
     ``center`` and ``n_steps`` are its online state: a run that has them
     continues from them (warm start, ``partial_fit``, ``update``).
 
@@ -228,7 +230,7 @@ def online_em(
         if not active:
             break
         tic = time.perf_counter()
-        pass_seed = int(rng.randint(2**31 - 1))
+        pass_seed = int(np.random.SeedSequence([seed, online[active[0]].n_steps]).generate_state(1)[0])
         after = passes.chain(online_link, [online[i] for i in active], family, settings, pass_seed)
         if monitor == "exact":
             exact = passes.run(_loglik_of_models, (family, [r.params for r in after]), _add_lists)

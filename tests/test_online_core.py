@@ -57,7 +57,7 @@ def test_stepwise_one_batch_of_all_rows_with_unit_step_is_one_batch_iteration(co
     family = GaussianFamily(covariance_type)
     passes = DataPasses(load_data(X, chunk_rows=len(X)), "threads")
     settings = OnlineSettings("stepwise", batch_size=len(X), step_offset=1.0, step_decay=0.7, shuffle=False)
-    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=1, seed=0)
     (batch,) = batch_em(passes, family, [EMRun(params)], tol=0.0, max_iter=1)
     bounds = run.lower_bounds
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
@@ -73,7 +73,7 @@ def test_incremental_objective_never_decreases_over_passes(covariance_type):
     family = GaussianFamily(covariance_type)
     passes = DataPasses(load_data(X, chunk_rows=700), "threads")
     settings = OnlineSettings("incremental", batch_size=250)
-    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=5, rng=np.random.RandomState(0), monitor="exact")
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=5, seed=0, monitor="exact")
     bounds = run.lower_bounds
     assert np.all(np.diff(bounds) >= -1e-12), bounds
     # It reaches the batch optimum: EM's fixed point from the same start.
@@ -110,7 +110,7 @@ def test_stepwise_reaches_batch_optimum_on_well_separated_data():
     params = _start(X, means + 1.0)
     passes = DataPasses(load_data(X, chunk_rows=10_000), "threads")
     settings = OnlineSettings("stepwise", batch_size=500)
-    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=3, rng=np.random.RandomState(0), monitor="exact")
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=3, seed=0, monitor="exact")
     bounds = run.lower_bounds
     (batch,) = batch_em(passes, family, [EMRun(params)], tol=1e-10, max_iter=300)
     assert batch.lower_bound - bounds[-1] < 1e-3
@@ -143,4 +143,4 @@ def test_non_finite_rows_are_reported_by_global_row():
     passes = DataPasses(load_data(X, chunk_rows=(500, 900, 300, 1200, 650, 400, 550)[0]), "threads")
     settings = OnlineSettings("stepwise", batch_size=100)
     with pytest.raises(ValueError, match="rows 2345 to 2345"):
-        online_em(passes, GaussianFamily("full"), [EMRun(_initial("full", make_data()))], settings, tol=0.0, max_iter=1, rng=np.random.RandomState(0))
+        online_em(passes, GaussianFamily("full"), [EMRun(_initial("full", make_data()))], settings, tol=0.0, max_iter=1, seed=0)

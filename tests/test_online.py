@@ -1,0 +1,207 @@
+"""Online EM through the public API: GaussianMixture(algorithm=...), partial_fit, saved online state, `streamem update`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+from _common import COVARIANCE_TYPES, make_data, make_inits
+from conftest import write_zarr
+from sklearn.exceptions import ConvergenceWarning
+
+import streamem
+from streamem.cli import main
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _fit(X, **params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return streamem.GaussianMixture(3, random_state=0, **params).fit(X)
+
+
+def _params(model) -> dict:
+    return {name: getattr(model, name) for name in ("weights_", "means_", "covariances_", "precisions_cholesky_")}
+
+
+def _assert_same(a, b, rtol=1e-12):
+    for name, value in _params(a).items():
+        np.testing.assert_allclose(value, getattr(b, name), rtol=rtol, atol=rtol, err_msg=name)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_partial_fit_over_chunks_in_order_equals_one_stepwise_pass(covariance_type, tmp_path):
+    X = make_data()
+    path = write_zarr(tmp_path / "x.zarr", X, (700, 3))
+    inits = make_inits(covariance_type)
+    whole = _fit(path, covariance_type=covariance_type, algorithm="stepwise", batch_size=200, shuffle=False, max_iter=1, **inits)
+    parts = streamem.GaussianMixture(3, covariance_type=covariance_type, batch_size=200, random_state=0, **inits)
+    for start in range(0, len(X), 700):
+        assert parts.partial_fit(X[start : start + 700]) is parts
+    _assert_same(parts, whole)
+    assert parts.n_steps_ == whole.n_steps_ == sum(-(-c // 200) for c in [700] * 6 + [300])
+    assert parts.n_features_in_ == 3
+
+
+def test_partial_fit_first_call_initialises_by_kmeans_on_its_rows():
+    X = make_data()
+    first = X[:1500]
+    model = streamem.GaussianMixture(3, random_state=0, max_iter=0, batch_size=100_000, step_offset=1.0)
+    model.partial_fit(first)
+    # One mini-batch of all rows with a unit step is one batch iteration from the same k-means start.
+    reference = _fit(first, max_iter=1, init_params="kmeans")
+    _assert_same(model, reference, rtol=1e-10)
+
+
+def test_partial_fit_refuses_another_number_of_features():
+    X = make_data()
+    model = streamem.GaussianMixture(3, random_state=0).partial_fit(X)
+    with pytest.raises(ValueError, match="X has 2 features, but GaussianMixture is expecting 3 features"):
+        model.partial_fit(X[:, :2])
+
+
+def test_partial_fit_continues_a_batch_fit_weighing_the_new_rows_by_their_share():
+    X = make_data()
+    model = _fit(X[:4000], batch_size=100)
+    steps = model.n_steps_
+    # The next step weighs one mini-batch as its share of the rows seen.
+    assert (steps + model.step_offset) ** -model.step_decay == pytest.approx(100 / 4000, rel=0.05)
+    before = model.means_.copy()
+    model.partial_fit(X[4000:])
+    assert model.n_steps_ == steps + 5
+    np.testing.assert_allclose(model.means_, before, atol=0.05)  # the new rows move the model a little only
+
+
+@pytest.mark.parametrize("algorithm", ["stepwise", "incremental"])
+def test_online_fit_does_not_depend_on_the_number_of_workers(algorithm, cluster, tmp_path):
+    from distributed import Client
+
+    X = make_data()
+    path = write_zarr(tmp_path / "x.zarr", X, (700, 3))
+    params = dict(algorithm=algorithm, batch_size=150, max_iter=2, tol=0.0)
+    local = _fit(path, **params)
+    with Client(cluster) as client:
+        distributed = _fit(path, client=client, **params)
+        persisted = _fit(path, client=client, persist="always", **params)
+    _assert_same(local, distributed, rtol=0)
+    _assert_same(local, persisted, rtol=0)
+    assert local.lower_bounds_ == distributed.lower_bounds_
+
+
+def test_stepwise_gets_close_to_the_batch_optimum_in_three_passes():
+    rng = np.random.RandomState(5)
+    means = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0], [8.0, 8.0]])
+    X = means[rng.randint(4, size=40_000)] + rng.standard_normal((40_000, 2))
+    X = da.from_array(X, chunks=10_000)
+    common = dict(n_components=4, random_state=0, means_init=means + 1.0)
+    batch = streamem.GaussianMixture(tol=1e-10, max_iter=500, **common).fit(X)
+    stepwise = streamem.GaussianMixture(algorithm="stepwise", batch_size=500, max_iter=3, tol=0.0, monitor="exact", **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        stepwise.fit(X)
+    assert len(stepwise.lower_bounds_) == 3
+    assert batch.score(X) - stepwise.score(X) < 1e-3
+    assert stepwise.lower_bound_ == pytest.approx(stepwise.score(X), abs=1e-12)  # "exact" is the true objective
+
+
+def test_incremental_memory_beyond_the_machine_is_refused():
+    X = da.zeros((10**9, 64), chunks=(10**6, 64))
+    model = streamem.GaussianMixture(8, algorithm="incremental", batch_size=10)
+    with pytest.raises(ValueError, match="algorithm='incremental' keeps one set of statistics per mini-batch"):
+        model.fit(X)
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        (dict(algorithm="online"), "algorithm"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(step_decay=0.5), "step_decay"),
+        (dict(step_decay=1.5), "step_decay"),
+        (dict(step_offset=0.5), "step_offset"),
+        (dict(step_size=0.0), "step_size"),
+        (dict(step_size=2.0), "step_size"),
+        (dict(shuffle="yes"), "shuffle"),
+        (dict(monitor="true"), "monitor"),
+    ],
+)
+def test_bad_online_settings_are_refused(params, name):
+    with pytest.raises(ValueError, match=name):
+        streamem.GaussianMixture(2, **params).fit(make_data())
+
+
+def test_online_state_is_saved_and_loaded(tmp_path):
+    X = make_data()
+    model = _fit(X, algorithm="stepwise", batch_size=300, max_iter=2)
+    model.save(tmp_path / "m.zarr")
+    loaded = streamem.load(tmp_path / "m.zarr")
+    assert loaded.n_steps_ == model.n_steps_ and loaded.algorithm == "stepwise"
+    for key in ("nk", "s1", "s2"):
+        np.testing.assert_array_equal(loaded.online_stats_[key], model.online_stats_[key])
+    np.testing.assert_array_equal(loaded.online_center_, model.online_center_)
+    # Continuing the loaded model equals continuing the fitted one.
+    _assert_same(loaded.partial_fit(X[:1000]), model.partial_fit(X[:1000]), rtol=0)
+
+
+def test_online_checkpoint_resumes_to_the_same_fit(tmp_path):
+    X = make_data()
+    params = dict(algorithm="stepwise", batch_size=300, tol=0.0)
+    full = _fit(X, max_iter=4, **params)
+    ckpt = tmp_path / "ckpt"
+    resumed = streamem.GaussianMixture(3, random_state=0, max_iter=2, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        resumed.fit(X, checkpoint=ckpt)  # stops after 2 passes, its state saved
+        resumed.set_params(max_iter=4).fit(X, checkpoint=ckpt, resume=True)
+    assert resumed.n_iter_ == 4 and resumed.n_steps_ == full.n_steps_
+    assert resumed.lower_bounds_ == full.lower_bounds_
+    _assert_same(resumed, full, rtol=0)
+
+
+def test_a_model_saved_before_online_em_loads_and_updates(tmp_path):
+    old = streamem.load(os.path.join(FIXTURES, "model_before_online.zarr"))
+    assert getattr(old, "online_stats_", None) is None and old.algorithm == "batch"
+    X = make_data(seed=7)
+    before = old.score(X)
+    old.partial_fit(X)
+    assert old.n_steps_ > 0 and old.online_stats_ is not None
+    assert abs(old.score(X) - before) < 0.05  # same distribution: it stays near its optimum
+    path = write_zarr(tmp_path / "new.zarr", X, (1000, 3))
+    shutil.copytree(os.path.join(FIXTURES, "model_before_online.zarr"), tmp_path / "old.zarr")
+    assert main(["update", str(tmp_path / "old.zarr"), path, "--out", str(tmp_path / "new_model.zarr"), "--quiet", "--workers", "1"]) == 0
+    assert streamem.load(tmp_path / "new_model.zarr").n_steps_ > 0
+
+
+def test_update_moves_the_model_toward_shifted_rows_and_keeps_labels(tmp_path):
+    X = make_data()
+    model = _fit(X, batch_size=500)
+    model.save(tmp_path / "m.zarr")
+    shifted = make_data(n=3000, seed=11) + 0.7
+    path = write_zarr(tmp_path / "shifted.zarr", shifted, (1000, 3))
+    out = {}
+    for name, extra in (("schedule", []), ("constant", ["--step-size", "0.2"])):
+        out[name] = str(tmp_path / f"{name}.zarr")
+        argv = ["update", str(tmp_path / "m.zarr"), path, "--out", out[name], "--quiet", "--workers", "1", "--batch-size", "500", *extra]
+        assert main(argv) == 0
+    old = streamem.load(tmp_path / "m.zarr")
+    for name, path_out in out.items():
+        new = streamem.load(path_out)
+        assert new.score(shifted) > old.score(shifted), name
+        # Component k is still component k: each mean moved less than the distance between components.
+        assert np.all(np.linalg.norm(new.means_ - old.means_, axis=1) < 2.0), name
+    constant, schedule = streamem.load(out["constant"]), streamem.load(out["schedule"])
+    assert constant.score(shifted) > schedule.score(shifted)  # a large constant step follows new data further
+
+
+def test_update_refuses_an_existing_output_before_any_work(tmp_path, capsys):
+    X = make_data()
+    _fit(X).save(tmp_path / "m.zarr")
+    path = write_zarr(tmp_path / "x.zarr", X, (1000, 3))
+    (tmp_path / "exists.zarr").mkdir()
+    assert main(["update", str(tmp_path / "m.zarr"), path, "--out", str(tmp_path / "exists.zarr"), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
