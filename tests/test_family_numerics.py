@@ -1,7 +1,9 @@
 """Numerics of the Gaussian family that the parity tests do not reach.
 
 * diag and spherical models centre every component at its own mean (issue
-  13.5): components far apart with small variances keep their variances;
+  13.5) where expanding around one shift would cancel: components far apart
+  with small variances keep their variances; elsewhere the faster expansion
+  gives the same results to rounding;
 * chunks without rows contribute zero statistics (issue 13.7), as they appear
   after boolean filtering of a dask array.
 """
@@ -111,6 +113,87 @@ def test_far_components_stats_from_resp_closed_form(covariance_type, offset):
     var = np.array([X[labels == k].var(axis=0) for k in range(2)])
     assert_allclose(params.covariances, var if covariance_type == "diag" else var.mean(axis=1), rtol=1e-7)
     assert_allclose(params.means, [X[labels == k].mean(axis=0) for k in range(2)], rtol=0, atol=1e-9)
+
+
+# ---------------------------------- expanded vs per-component (diag, spherical)
+EXPANDED, PER_COMPONENT = np.inf, 0.0  # values of gaussian.EXPANSION_MAX_RATIO that force one path
+
+
+def _params_from_inits(fam: GaussianFamily, offset: float = 0.0) -> GaussianParams:
+    inits = make_inits(fam.covariance_type, offset)
+    prec_chol = fam.precision_cholesky_from_precisions(inits["precisions_init"])
+    return GaussianParams(inits["weights_init"], inits["means_init"], fam.covariances_from_precision_cholesky(prec_chol), prec_chol)
+
+
+def _outputs(monkeypatch, fam: GaussianFamily, X: np.ndarray, params: GaussianParams, limit: float | None) -> dict:
+    """log_prob, chunk_stats and stats_from_resp with the expansion forced on/off (``limit``) or left to decide (None)."""
+    with monkeypatch.context() as patch:
+        if limit is not None:
+            patch.setattr(gaussian, "EXPANSION_MAX_RATIO", limit)
+        log_prob = fam.log_prob(X, params)
+        stats = fam.chunk_stats(X, params)
+        resp = np.exp(log_prob - logsumexp(log_prob, axis=1, keepdims=True))
+        init = fam.stats_from_resp(X, resp, params.means - 0.1)
+    return {"log_prob": log_prob, **{f"e-step {k}": v for k, v in stats.arrays.items()}, **{f"init {k}": v for k, v in init.arrays.items()}}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_expanded_and_per_component_paths_agree(monkeypatch, covariance_type, offset):
+    """Ordinary data (here 1e4 from the origin too): both kernels give the same results to rounding,
+    and the expansion (around the mean of the means, not the origin) is the one chosen."""
+    monkeypatch.setattr(gaussian, "SLICE_ROWS", 700)  # 4500 rows: 7 slices
+    fam = GaussianFamily(covariance_type)
+    X = make_data(offset=offset)
+    params = _params_from_inits(fam, offset)
+    expanded = _outputs(monkeypatch, fam, X, params, EXPANDED)
+    centred = _outputs(monkeypatch, fam, X, params, PER_COMPONENT)
+    chosen = _outputs(monkeypatch, fam, X, params, None)
+    for name, value in centred.items():
+        # s1 sums residuals of both signs: compared with a tolerance relative to its terms.
+        atol = 1e-11 * np.abs(centred[name.replace("s1", "s2")]).max() ** 0.5 * len(X) ** 0.5 if name.endswith("s1") else 0
+        assert_allclose(expanded[name], value, rtol=1e-11, atol=atol, err_msg=name)
+        assert_array_equal(chosen[name], expanded[name], err_msg=name)
+    # The two kernels are different computations (else this test could not fail).
+    assert not np.array_equal(expanded["e-step s2"], centred["e-step s2"])
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_far_components_take_the_per_component_path(monkeypatch, covariance_type):
+    """At +-1e5 with sd 0.01 the expansion cancels (forced, it is visibly wrong); the default is per component."""
+    X, _, centres = _far_data(1e5)
+    fam = GaussianFamily(covariance_type, reg_covar=0.0)
+    params = _far_params(fam, centres)
+    expanded = _outputs(monkeypatch, fam, X, params, EXPANDED)
+    centred = _outputs(monkeypatch, fam, X, params, PER_COMPONENT)
+    chosen = _outputs(monkeypatch, fam, X, params, None)
+    for name, value in centred.items():
+        assert_array_equal(chosen[name], value, err_msg=name)
+    error = np.abs(expanded["e-step s2"] / centred["e-step s2"] - 1).max()
+    assert error > 1e-3, error
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_statistics_recentre_when_data_are_tighter_than_the_model(monkeypatch, covariance_type):
+    """Broad model variances (the E-step may expand) but data sd 0.01 at +-1e4: the statistics,
+    which cancel with the data's spread, not the model's, still come out per component."""
+    monkeypatch.setattr(gaussian, "SLICE_ROWS", 300)
+    X, _, centres = _far_data(1e4)
+    fam = GaussianFamily(covariance_type, reg_covar=0.0)
+    var = np.array([[1.0, 1.5, 0.8], [1.2, 0.9, 1.1]]) * 300.0**2  # sd ~300: centres ~30 model sd from their mean
+    var = var if covariance_type == "diag" else var.mean(axis=1)
+    params = GaussianParams(np.array([0.4, 0.6]), centres + 0.005, var, fam.precision_cholesky(var))
+    log_joint = _closed_form_log_joint(X, params)
+    log_prob = fam.log_prob(X, params)
+    assert_allclose(log_prob, log_joint, rtol=1e-9)
+    with monkeypatch.context() as patch:  # the E-step does expand
+        patch.setattr(gaussian, "EXPANSION_MAX_RATIO", EXPANDED)
+        assert_array_equal(fam.log_prob(X, params), log_prob)
+    resp = np.exp(log_joint - logsumexp(log_joint, axis=1, keepdims=True))
+    expected = np.einsum("nk,knd->kd", resp, (X[None] - params.means[:, None]) ** 2)
+    assert_allclose(fam.chunk_stats(X, params)["s2"], expected, rtol=1e-8)
+    monkeypatch.setattr(gaussian, "EXPANSION_MAX_RATIO", EXPANDED)  # without the check on the data: wrong
+    assert np.abs(fam.chunk_stats(X, params)["s2"] / expected - 1).max() > 1e-4
 
 
 # ------------------------------------------------------------ empty chunks
