@@ -205,3 +205,46 @@ def test_update_refuses_an_existing_output_before_any_work(tmp_path, capsys):
     (tmp_path / "exists.zarr").mkdir()
     assert main(["update", str(tmp_path / "m.zarr"), path, "--out", str(tmp_path / "exists.zarr"), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_nightly_script_in_update_mode_reads_only_the_new_rows(tmp_path):
+    import stat
+    import subprocess
+    import sys
+
+    from workflow_helpers import check_ok, mixture_sample
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    wrapper = bin_dir / "streamem-wrapper"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{sys.executable}" -m streamem.cli "$@"\n')
+    (bin_dir / "date").write_text('#!/bin/sh\necho "$FAKE_DATE"\n')
+    for script in (wrapper, bin_dir / "date"):
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    models = tmp_path / "models"
+    models.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = write_zarr(tmp_path / "first.zarr", mixture_sample(6000, seed=80), (2000, 3))
+    new_rows = write_zarr(tmp_path / "new.zarr", mixture_sample(2000, seed=81), (1000, 3))
+
+    def run(day: str, data: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, STREAMEM=str(wrapper), FAKE_DATE=day, N_COMPONENTS="3", MODE="update",
+                   PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+        return subprocess.run(["bash", os.path.join(repo, "scripts", "nightly_refit.sh"), data, str(models)],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+
+    check_ok(run("2024-03-01", first))
+    day1 = streamem.load(models / "current.zarr")
+    assert day1.algorithm == "stepwise" and day1.n_steps_ > 0
+    check_ok(run("2024-03-02", new_rows))
+    day2 = streamem.load(models / "current.zarr")
+    assert os.readlink(models / "current.zarr") == "model-2024-03-02.zarr"
+    commands = calls.read_text().splitlines()
+    assert commands[0].startswith("fit ") and "--algorithm stepwise" in commands[0]
+    update = next(c for c in commands if c.startswith("update "))
+    assert f"update {models / 'current.zarr'} {new_rows} " in update
+    assert day2.fit_data_["shape"] == [2000, 3]  # it read the new rows only
+    assert day2.n_steps_ == day1.n_steps_ + 2  # one mini-batch per 1000-row chunk (batch_size 2000)
+    assert np.all(np.linalg.norm(day2.means_ - day1.means_, axis=1) < 0.5)  # labels kept
+    assert not (models / "ckpt-2024-03-02").exists()
