@@ -506,3 +506,25 @@ def test_score_of_a_feature_time_store_with_sample_dim(X, model_path, tmp_path):
     values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert int(values["rows"]) == N_ROWS
     assert_allclose(float(values["mean log-likelihood"]), sklearn_from(streamem.load(model_path)).score(X), rtol=1e-9)
+
+
+def test_predict_and_score_align_a_stored_feature_coordinate(X, tmp_path):
+    """A store holding the fitted features in another column order is predicted by label, not by position."""
+    names = ["u", "v", "w"]
+    fitted_on = xr.DataArray(X, dims=("time", "band"), coords={"band": names})
+    model = quiet_fit(streamem.GaussianMixture(n_components=3, tol=0, max_iter=4, **inits("full")), fitted_on)
+    model.save(tmp_path / "model.zarr")
+    order = [2, 0, 1]
+    shuffled = xr.Dataset({"obs": (("band", "time"), X[:, order].T.copy())}, coords={"band": [names[i] for i in order]})
+    shuffled.chunk({"time": 1000}).to_zarr(tmp_path / "obs.zarr", zarr_format=3, consolidated=False)
+    where = ("--variable", "obs", "--sample-dim", "time", *LOCAL, "--quiet")
+
+    out = tmp_path / "pred.zarr"
+    check_ok(cli("predict", tmp_path / "model.zarr", tmp_path / "obs.zarr", "--out", out, "--score", *where))
+    ds = xr.open_zarr(out, consolidated=False)
+    sk = sklearn_from(model)
+    assert_array_equal(ds["labels"].values, sk.predict(X))
+    assert_allclose(ds["log_likelihood"].values, sk.score_samples(X), rtol=1e-10)
+    proc = check_ok(cli("score", tmp_path / "model.zarr", tmp_path / "obs.zarr", *where))
+    values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert_allclose(float(values["mean log-likelihood"]), sk.score(X), rtol=1e-9)
