@@ -265,7 +265,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 #: ``update`` settings: the online ones, the data's and the checkpoint's.
-UPDATE_OPTIONS = ("batch_size", "step_decay", "step_offset", "step_size", "monitor", "variable", "sample_dim", "checkpoint", "resume", "overwrite")
+UPDATE_OPTIONS = ("batch_size", "step_size", "variable", "sample_dim", "checkpoint", "resume", "overwrite")
 
 
 def cmd_update(args: argparse.Namespace) -> None:
@@ -278,27 +278,27 @@ def cmd_update(args: argparse.Namespace) -> None:
     streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
     if args.passes < 1:
         raise UsageError(f"--passes must be >= 1, got {args.passes}")
-    online = {name: settings[name] for name in ("batch_size", "step_decay", "step_offset", "step_size", "monitor") if name in settings}
-    model.set_params(algorithm="stepwise", warm_start=True, max_iter=args.passes, verbose_interval=1, **online)
-    n_steps = model._current_run().n_steps
+    if "batch_size" in settings:
+        model.set_params(batch_size=settings["batch_size"])
+    rows_before = model._rows_seen()
     with dask_client(settings, args.quiet) as client:
-        model.set_params(client=client, verbose=0 if args.quiet else 1)
+        model.set_params(client=client, verbose=0 if args.quiet else 1, verbose_interval=1)
         tic = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if args.quiet else "default")
-            model.fit(
-                args.data,
-                variable=settings.get("variable"),
-                sample_dim=settings.get("sample_dim"),
-                checkpoint=settings.get("checkpoint"),
-                resume=bool(settings.get("resume")),
-                progress=_progress(args),
-            )
+        model.update(
+            args.data,
+            step_size=settings.get("step_size"),
+            passes=args.passes,
+            variable=settings.get("variable"),
+            sample_dim=settings.get("sample_dim"),
+            checkpoint=settings.get("checkpoint"),
+            resume=bool(settings.get("resume")),
+            progress=_progress(args),
+        )
         seconds = time.perf_counter() - tic
     model.set_params(client=None, verbose=0)
     model.save(args.out, overwrite=overwrite)
-    _say(args.quiet, f"updated in {seconds:.1f} s: {model.n_steps_ - n_steps} steps over {model.fit_data_['shape'][0]:,} new rows, "
-         f"mean log-likelihood {model.lower_bound_:.6f} (online average); saved {args.out}")
+    _say(args.quiet, f"updated in {seconds:.1f} s with {model.n_rows_seen_ - rows_before:,} new rows ({model.n_rows_seen_:,} seen in all): "
+         f"mean log-likelihood {model.lower_bound_:.6f} (online average over the pass); saved {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model store to write (Zarr)")
     _add_options(p.add_argument_group("model"), FIT_OPTIONS)
 
-    p = command("update", cmd_update, "fold NEW_DATA into MODEL by stepwise EM (keeping its component labels); save to --out", cluster=True)
+    p = command("update", cmd_update, "fold the new rows in DATA into MODEL by stepwise EM (a running average over all rows seen, "
+                "or --step-size); keep its component labels; save to --out", cluster=True)
     p.add_argument("model", help="model store to start from (Zarr)")
     p.add_argument("data", help="the new rows only: Zarr store (array, or group with --variable)")
     p.add_argument("--out", required=True, help="updated model store to write (Zarr)")

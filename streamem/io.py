@@ -345,6 +345,7 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
         "converged": bool(model.converged_),
         "lower_bound": float(model.lower_bound_),
         "n_steps": int(getattr(model, "n_steps_", 0)),
+        "n_rows_seen": int(model._rows_seen()),
         "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{f"data_{k}": v for k, v in getattr(model, "fit_data_", {}).items()},
     }
@@ -386,6 +387,8 @@ def load_model(path: str | os.PathLike) -> Any:
             model.online_stats_ = {k: ds[f"online_{k}"].values for k in ("nk", "s1", "s2")}
             model.online_center_ = ds["online_center"].values
             model.n_steps_ = int(ds.attrs["n_steps"])
+        if "n_rows_seen" in ds.attrs:
+            model.n_rows_seen_ = int(ds.attrs["n_rows_seen"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: {exc}") from None
     if model.means_.shape != (model.n_components, model.n_features_in_):

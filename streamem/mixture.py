@@ -161,6 +161,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         The statistics online EM continues from, per row (``nk``, ``s1``,
         ``s2``), centred at ``online_center_``. Saved in model files.
     online_center_ : ndarray of shape (n_components, n_features)
+    n_rows_seen_ : int
+        Rows the model has learnt from: those of the last fit, plus those
+        of every later :meth:`partial_fit` or :meth:`update`.
     """
 
     def __init__(
@@ -342,6 +345,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.n_data_passes_ = passes.n_passes
         self.tasks_per_pass_ = passes.tasks_per_pass
         self._set_online_state(run, data.n_samples, batch=self.algorithm == "batch")
+        self.n_rows_seen_ = (self._rows_seen() if continuing else 0) + data.n_samples
         return self
 
     def partial_fit(
@@ -407,6 +411,64 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.n_data_passes_ = passes.n_passes
         self.tasks_per_pass_ = passes.tasks_per_pass
         self._set_online_state(run, data.n_samples)
+        self.n_rows_seen_ = (0 if first else self._rows_seen()) + data.n_samples
+        return self
+
+    def update(
+        self,
+        X: Any,
+        *,
+        step_size: float | None = None,
+        passes: int = 1,
+        variable: str | None = None,
+        sample_dim: str | None = None,
+        missing_chunks: str = "raise",
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = False,
+    ) -> "GaussianMixture":
+        """Fold new rows into the fitted model by stepwise EM, reading only them.
+
+        What a scheduled job does with the rows that arrived since the last
+        run. Component ``k`` stays component ``k`` (the fit continues from
+        the model's parameters and online state). By default every
+        mini-batch of ``b`` rows gets step ``b / (rows seen so far)``: a
+        running average over all rows the model has learnt from
+        (``n_rows_seen_``), right for data from a fixed distribution, where
+        it ends near a batch re-fit on all rows. ``step_size`` (or the
+        estimator's ``step_size``) gives a constant step instead, for
+        drifting data: old rows are forgotten at that rate. The mini-batches
+        are shuffled as in :meth:`fit` (``shuffle``, ``random_state``).
+
+        Parameters
+        ----------
+        X, variable, sample_dim, missing_chunks, checkpoint, resume, progress
+            As for :meth:`fit`: the new rows only.
+        step_size : float, optional
+            A constant step in (0, 1].
+        passes : int, default=1
+            Passes over the new rows (each pass counts them again as seen).
+
+        Returns
+        -------
+        self
+        """
+        check_is_fitted(self)
+        _check_int("passes", passes, 1)
+        saved = self.get_params()
+        step_size = self.step_size if step_size is None else step_size
+        try:
+            self.set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size)
+            if step_size is None:  # a running average: eta = 1 / (t + t0) with t + t0 = rows seen / batch_size
+                self.set_params(step_decay=1.0)
+                self._check_parameters()
+                self.n_steps_ = steps_for_rows(self._rows_seen(), self._online_settings())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0: a fixed number of passes
+                self.fit(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks,
+                         checkpoint=checkpoint, resume=resume, progress=progress)  # fmt: skip
+        finally:
+            self.set_params(**saved)
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
@@ -539,6 +601,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             None if self.step_size is None else float(self.step_size), bool(self.shuffle),
         )  # fmt: skip
 
+    def _rows_seen(self) -> int:
+        """Rows learnt from; for a model saved before this was kept, the rows of its fit."""
+        seen = getattr(self, "n_rows_seen_", None)
+        return int(seen) if seen is not None else int(getattr(self, "fit_data_", {}).get("shape", [0])[0])
+
     def _current_run(self) -> EMRun:
         """The fitted model as a run to continue: parameters and online state."""
         run = EMRun(self._params(), lower_bound=self.lower_bound_)
@@ -547,8 +614,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             run.stats = SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), **state})
             run.center, run.n_steps = self.online_center_, int(self.n_steps_)
         else:  # a model saved before online EM: as if after a batch fit on its data
-            rows = int(getattr(self, "fit_data_", {}).get("shape", [0])[0])
-            run.n_steps = steps_for_rows(rows, self._online_settings())
+            run.n_steps = steps_for_rows(self._rows_seen(), self._online_settings())
         return run
 
     def _set_online_state(self, run: EMRun, n_samples: int, *, batch: bool = False) -> None:

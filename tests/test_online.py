@@ -198,6 +198,20 @@ def test_update_moves_the_model_toward_shifted_rows_and_keeps_labels(tmp_path):
     assert constant.score(shifted) > schedule.score(shifted)  # a large constant step follows new data further
 
 
+def test_update_of_rows_from_the_same_distribution_ends_near_a_batch_refit_on_all_rows():
+    X = make_data(n=20_000, seed=3)
+    old, new = X[:16_000], X[16_000:]
+    model = _fit(old, batch_size=500, tol=1e-8, max_iter=300)
+    refit = _fit(X, batch_size=500, tol=1e-8, max_iter=300, means_init=model.means_)
+    updated = _fit(old, batch_size=500, tol=1e-8, max_iter=300).update(new)
+    assert updated.n_rows_seen_ == 20_000 and updated.algorithm == "batch"  # settings restored
+    gap = refit.score(X) - updated.score(X)
+    assert 0 <= gap < 2e-4, gap
+    # The stepwise schedule (alpha=0.6) weighs the new rows far beyond their share: further off.
+    scheduled = _fit(old, batch_size=500, tol=1e-8, max_iter=300).partial_fit(new)
+    assert refit.score(X) - scheduled.score(X) > gap
+
+
 def test_update_refuses_an_existing_output_before_any_work(tmp_path, capsys):
     X = make_data()
     _fit(X).save(tmp_path / "m.zarr")
@@ -245,6 +259,7 @@ def test_nightly_script_in_update_mode_reads_only_the_new_rows(tmp_path):
     update = next(c for c in commands if c.startswith("update "))
     assert f"update {models / 'current.zarr'} {new_rows} " in update
     assert day2.fit_data_["shape"] == [2000, 3]  # it read the new rows only
-    assert day2.n_steps_ == day1.n_steps_ + 2  # one mini-batch per 1000-row chunk (batch_size 2000)
+    assert day1.n_rows_seen_ == 6000 and day2.n_rows_seen_ == 8000
+    assert day2.n_steps_ == 6000 // 2000 - 2 + 2  # a running average from 6000 rows, then one mini-batch per 1000-row chunk
     assert np.all(np.linalg.norm(day2.means_ - day1.means_, axis=1) < 0.5)  # labels kept
     assert not (models / "ckpt-2024-03-02").exists()
