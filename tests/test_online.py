@@ -263,3 +263,24 @@ def test_nightly_script_in_update_mode_reads_only_the_new_rows(tmp_path):
     assert day2.n_steps_ == 6000 // 2000 - 2 + 2  # a running average from 6000 rows, then one mini-batch per 1000-row chunk
     assert np.all(np.linalg.norm(day2.means_ - day1.means_, axis=1) < 0.5)  # labels kept
     assert not (models / "ckpt-2024-03-02").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["stepwise", "incremental"])
+def test_online_n_init_runs_share_the_passes_and_keep_the_best(algorithm):
+    X = make_data()
+    params = dict(algorithm=algorithm, batch_size=400, max_iter=2, tol=0.0, init_params="random")
+    one = _fit(X, n_init=1, **params)
+    two = _fit(X, n_init=2, **params)
+    assert two.n_data_passes_ == one.n_data_passes_  # both runs in the same passes
+    assert two.lower_bound_ >= one.lower_bound_
+    if two.lower_bound_ == one.lower_bound_:  # the first run is the same run in both fits
+        _assert_same(two, one, rtol=0)
+
+
+def test_online_float32_estep_stays_close_to_float64():
+    X = make_data() + 1e4  # far from the origin: the statistics are centred, so float32 loses little
+    params = dict(algorithm="stepwise", batch_size=300, max_iter=2, tol=0.0, means_init=make_inits("full", offset=1e4)["means_init"])
+    f64 = _fit(X, **params)
+    f32 = _fit(X, dtype="float32", **params)
+    np.testing.assert_allclose(f32.means_, f64.means_, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(f32.covariances_, f64.covariances_, rtol=1e-3, atol=1e-4)
