@@ -73,6 +73,8 @@ CLUSTER_OPTIONS = (
     Option("memory_limit", str, "memory limit per LocalCluster worker, e.g. 4GiB (default auto)", estimator=False),
     Option("scheduler", str, "address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786", estimator=False),
     Option("scheduler_timeout", float, "seconds to wait for --scheduler (default 10)", estimator=False),
+    Option("worker_timeout", float, "seconds to wait for workers to join, before and during the run "
+           "(default 60; 600 with a cluster: section, whose jobs may queue)", estimator=False),
 )
 #: YAML keys allowed besides the options: a dask-jobqueue cluster section.
 EXTRA_KEYS = {"cluster": dict}
@@ -133,52 +135,102 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------- cluster
 @contextlib.contextmanager
 def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
-    """A client for the run: ``--scheduler``, a jobqueue ``cluster:`` section, or a LocalCluster."""
+    """A client for the run: ``--scheduler``, a jobqueue ``cluster:`` section, or a LocalCluster.
+
+    Nothing waits for ever on a cluster: workers must join within
+    ``worker_timeout`` seconds, a failed job submission ends the run at
+    once, a cluster we start fails tasks that find no worker for that long,
+    and workers that keep dying or being restarted for memory end the run.
+    Each of these is a ``UsageError`` of one line naming the cause.
+    """
+    import dask
     from distributed import Client
 
+    from streamem import cluster as clusters
+
+    if quiet:
+        clusters.quiet_dask_logs()
     address = settings.get("scheduler")
+    jobs = "cluster" in settings and not address
+    timeout = settings.get("worker_timeout", clusters.JOB_WORKER_TIMEOUT if jobs else clusters.WORKER_TIMEOUT)
+    if timeout <= 0:
+        raise UsageError(f"--worker-timeout: must be a positive number of seconds, got {timeout:g}")
     if address:
-        timeout = settings.get("scheduler_timeout", 10.0)
+        connect_timeout = settings.get("scheduler_timeout", 10.0)
         try:
-            client = Client(address, timeout=timeout)
+            client = Client(address, timeout=connect_timeout)
         except (OSError, TimeoutError) as exc:
-            raise UsageError(f"--scheduler: cannot reach {address!r} within {timeout:g} s ({type(exc).__name__})") from None
+            raise UsageError(f"--scheduler: cannot reach {address!r} within {connect_timeout:g} s ({type(exc).__name__})") from None
         with client:
             _say(quiet, f"connected to {address}; dashboard: {client.dashboard_link}")
-            yield client
+            try:
+                with clusters.guarded_run(client, 1, timeout):
+                    yield client
+            except clusters.ClusterError as exc:
+                raise UsageError(f"--scheduler {address}: {exc}") from None
         return
-    if "cluster" in settings:
-        cluster = jobqueue_cluster(settings["cluster"])
-    else:
-        from streamem.cluster import local_cluster
+    # A scheduler we start fails tasks no worker could take for this long
+    # (all workers gone, none coming back) instead of keeping them.
+    with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{timeout}s"}):
+        if jobs:
+            where = f"cluster ({settings['cluster'].get('kind')})"
+            if settings["cluster"].get("jobs", 1) == 0:
+                raise UsageError("--config: cluster.jobs must be at least 1 for a run, got 0")
+            cluster = jobqueue_cluster(settings["cluster"])
+            n_workers, failures = 1, getattr(cluster.job_cls, "failures", None)
+        else:
+            from streamem.cluster import local_cluster
 
-        cluster = local_cluster(
-            n_workers=settings.get("workers", 2),
-            threads_per_worker=settings.get("threads_per_worker", 1),
-            memory_limit=settings.get("memory_limit", "auto"),
-        )
+            where = "local cluster"
+            n_workers, failures = settings.get("workers", 2), None
+            for name in ("workers", "threads_per_worker"):
+                if settings.get(name, 1) < 1:
+                    raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {settings[name]}")
+            cluster = local_cluster(
+                n_workers=n_workers,
+                threads_per_worker=settings.get("threads_per_worker", 1),
+                memory_limit=settings.get("memory_limit", "auto"),
+            )
     with cluster, Client(cluster) as client:
         _say(quiet, f"dashboard: {client.dashboard_link}")
-        yield client
+        try:
+            with clusters.guarded_run(client, n_workers, timeout, failures):
+                yield client
+        except clusters.ClusterError as exc:
+            raise UsageError(f"{where}: {exc}") from None
 
 
 def jobqueue_cluster(section: dict[str, Any]) -> Any:
-    """A dask-jobqueue cluster from a config's ``cluster:`` section (``kind``, ``jobs``, and the cluster's own keywords)."""
+    """A dask-jobqueue cluster from a config's ``cluster:`` section (``kind``, ``jobs``, and the cluster's own keywords).
+
+    The cluster's job class records failed submissions (``job_cls.failures``)
+    for :func:`dask_client` to report. A keyword the cluster refuses, or a
+    cluster that cannot start (e.g. an ``interface`` this machine lacks),
+    is a one-line ``UsageError``.
+    """
     section = dict(section)
     kind = section.pop("kind", None)
     jobs = section.pop("jobs", 1)
     classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
     if kind not in classes:
         raise UsageError(f"--config: cluster.kind must be one of {sorted(classes)}, got {kind!r}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
+        raise UsageError(f"--config: cluster.jobs must be a whole number of batch jobs, got {jobs!r}")
     try:
         import dask_jobqueue
     except ImportError:
         raise UsageError("--config: a cluster section needs dask-jobqueue: pip install 'streamem[hpc]'") from None
+    from streamem.cluster import reporting_job_class
+
+    cls = getattr(dask_jobqueue, classes[kind])
     try:
-        cluster = getattr(dask_jobqueue, classes[kind])(**section)
-    except TypeError as exc:
-        raise UsageError(f"--config: cluster section: {exc}") from None
-    cluster.scale(jobs=jobs)
+        cluster = cls(job_cls=reporting_job_class(cls.job_cls), **section)
+    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+        # e.g. "Cluster failed to start: 'ib0' is not a valid network interface. Valid ... are: [...]"
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise UsageError(f"--config: cluster section ({kind}): {lines[0] if lines else type(exc).__name__}") from None
+    if jobs:
+        cluster.scale(jobs=jobs)
     return cluster
 
 
