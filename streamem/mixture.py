@@ -472,9 +472,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
-        """Fit (``kwargs`` as for :meth:`fit`), then return the most likely component of every row."""
+        """Fit (``kwargs`` as for :meth:`fit`), then return the most likely component of every row.
+
+        The labels read ``X`` as the fit did: every keyword of :meth:`fit`
+        that describes the data (``variable``, ``sample_dim``,
+        ``missing_chunks``) is passed on to :meth:`predict`.
+        """
+        import inspect
+
         self.fit(X, **kwargs)
-        return self.predict(X, variable=kwargs.get("variable"), sample_dim=kwargs.get("sample_dim"))
+        # The prediction methods take exactly the data keywords of _load_fitted: pass on all of them, so a
+        # keyword added there cannot be forgotten here (lazy labels read the data again when computed).
+        reading = inspect.signature(self._load_fitted).parameters
+        return self.predict(X, **{name: value for name, value in kwargs.items() if name in reading and name != "X"})
 
     # -------------------------------------------------------------- predict
     def predict(self, X: Any, **kwargs: Any) -> Any:
