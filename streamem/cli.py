@@ -1,7 +1,8 @@
 """The ``streamem`` command line: fit, predict, score, info, generate, plot, accumulate, reduce.
 
-Exit status: 0 on success, 2 on bad input or usage (one line on stderr),
-1 on anything unexpected (with a traceback).
+Exit status: 0 on success, 2 on bad input or usage, or a path that cannot
+be read or written (one line on stderr), 1 on anything unexpected (with a
+traceback).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Option:
     estimator: bool = True  # passed to GaussianMixture(...)
 
 
+MISSING_CHUNKS_HELP = ("a chunk file missing from a Zarr store: an error (raise, the default), "
+                       "or read as the array's fill value (fill; stores sparse by design)")
 FIT_OPTIONS = (
     Option("n_components", int, "number of mixture components (default 1)"),
     Option("covariance_type", str, "covariance type (default full)", ("full", "tied", "diag", "spherical")),
@@ -62,6 +65,7 @@ FIT_OPTIONS = (
     Option("monitor", str, "what an online pass reports (default online; exact costs a pass)", ("online", "exact")),
     Option("variable", str, "variable of a Zarr group / xarray Dataset holding the data", estimator=False),
     Option("sample_dim", str, "sample dimension of an xarray store (default: the first)", estimator=False),
+    Option("missing_chunks", str, MISSING_CHUNKS_HELP, ("raise", "fill"), estimator=False),
     Option("checkpoint", str, "checkpoint directory, written after every M-step", estimator=False),
     Option("resume", bool, "continue from --checkpoint if it holds a state", estimator=False),
     Option("init_from", str, "start from this saved model; keep its component labels", estimator=False),
@@ -186,11 +190,15 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
             for name in ("workers", "threads_per_worker"):
                 if settings.get(name, 1) < 1:
                     raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {settings[name]}")
-            cluster = local_cluster(
-                n_workers=n_workers,
-                threads_per_worker=settings.get("threads_per_worker", 1),
-                memory_limit=settings.get("memory_limit", "auto"),
-            )
+            try:
+                cluster = local_cluster(
+                    n_workers=n_workers,
+                    threads_per_worker=settings.get("threads_per_worker", 1),
+                    memory_limit=settings.get("memory_limit", "auto"),
+                )
+            except (RuntimeError, OSError, TimeoutError) as exc:  # e.g. "Nanny failed to start."
+                cause = f" ({str(exc.__cause__).splitlines()[0]})" if exc.__cause__ and str(exc.__cause__) else ""
+                raise UsageError(f"{where}: its workers did not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{cause}") from None
     with cluster, Client(cluster) as client:
         _say(quiet, f"dashboard: {client.dashboard_link}")
         try:
@@ -273,6 +281,97 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> 
         raise UsageError(f"{flag}: cannot write {path!r}: directory {parent!r} is not writable")
 
 
+def _real(path: str | os.PathLike) -> str | None:
+    """One spelling of a local path (symbolic links, ``..`` and trailing separators resolved); None for a URL."""
+    path = os.fspath(path)
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
+
+
+def check_distinct(*places: tuple[str, str | os.PathLike | None]) -> None:
+    """Refuse two of ``places`` that are one location, or one inside the other, before any work.
+
+    Writing ``--out`` (with ``--overwrite``) or a checkpoint into the data,
+    or the data into them, destroys what is read; a checkpoint inside
+    ``--out`` is removed when ``--out`` is replaced.
+
+    Parameters
+    ----------
+    *places : tuple of (str, path or None)
+        ``(name, path)`` pairs, the first named in the error; None is skipped.
+
+    Raises
+    ------
+    UsageError
+        Naming both places and how they overlap.
+    """
+    given = [(name, os.fspath(path), _real(path)) for name, path in places if path is not None]
+    for i, (name_a, a, real_a) in enumerate(given):
+        for name_b, b, real_b in given[i + 1:]:
+            if real_a is None or real_b is None:
+                continue
+            if real_a == real_b:
+                relation = "is"
+            elif os.path.commonpath([real_a, real_b]) == real_b:
+                relation = "is inside"
+            elif os.path.commonpath([real_a, real_b]) == real_a:
+                relation = "holds"
+            else:
+                continue
+            raise UsageError(f"{name_a}: {a!r} {relation} the {name_b} {b!r}; give each its own place")
+
+
+def check_checkpoint(settings: dict[str, Any]) -> str | None:
+    """The ``--checkpoint`` directory, made ready (or refused) before the cluster starts; None without one.
+
+    Creates the directory (and its marker) as the fit would, so that a
+    place it cannot use (under a file, in a directory it may not write, a
+    directory of other things) is refused now, not after the first
+    iteration; and checks that a directory holding a state, which is
+    written anew after every iteration, is writable.
+
+    Raises
+    ------
+    UsageError
+        ``--resume`` without ``--checkpoint``, or a directory that cannot be used.
+    """
+    from streamem.checkpoint import prepare_checkpoint
+
+    path = settings.get("checkpoint")
+    if path is None:
+        if settings.get("resume"):
+            raise UsageError("--resume needs --checkpoint naming the checkpoint directory")
+        return None
+    try:
+        prepare_checkpoint(path)
+    except OSError as exc:
+        raise UsageError(f"--checkpoint: cannot use {path!r}: {describe_os_error(exc)}") from None
+    except ValueError as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
+    # For root only a read-only file system stops a write, and os.access reports that too.
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--checkpoint: cannot write {path!r}: the directory is not writable")
+    return path
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError in words, naming its path(s): ``'/data/x': Permission denied``."""
+    if exc.filename is None:
+        return str(exc) or type(exc).__name__
+    names = repr(os.fspath(exc.filename)) + (f" -> {os.fspath(exc.filename2)!r}" if exc.filename2 is not None else "")
+    return f"{names}: {exc.strerror or type(exc).__name__}"
+
+
+def data_keywords(settings: dict[str, Any]) -> dict[str, Any]:
+    """How to read the data: ``variable``, ``sample_dim`` and ``missing_chunks`` from flags or YAML."""
+    return {
+        "variable": settings.get("variable"),
+        "sample_dim": settings.get("sample_dim"),
+        "missing_chunks": settings.get("missing_chunks", "raise"),
+    }
+
+
 # ------------------------------------------------------------------ commands
 def cmd_fit(args: argparse.Namespace) -> None:
     import streamem
@@ -280,7 +379,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     settings = merged_settings(args)
     check_out(args.out, bool(settings.get("overwrite")))
-    streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
+    check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
+    where = data_keywords(settings)
+    streamem.load_data(args.data, **where)  # fail before the cluster starts
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
     for name in _NPY_OPTIONS:
         if name in kwargs:
@@ -294,6 +395,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             raise UsageError("--init-from: the old model has other n_components or covariance_type than asked for")
         kwargs.update(weights_init=old.weights_, means_init=old.means_, precisions_init=old.precisions_)
     kwargs.setdefault("verbose_interval", 1)
+    checkpoint = check_checkpoint(settings)  # last: it creates the directory
     with dask_client(settings, args.quiet) as client:
         model = streamem.GaussianMixture(verbose=0 if args.quiet else 1, client=client, **kwargs)
         tic = time.perf_counter()
@@ -301,9 +403,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
             warnings.simplefilter("ignore" if args.quiet else "default")
             model.fit(
                 args.data,
-                variable=settings.get("variable"),
-                sample_dim=settings.get("sample_dim"),
-                checkpoint=settings.get("checkpoint"),
+                **where,
+                checkpoint=checkpoint,
                 resume=bool(settings.get("resume")),
                 progress=_progress(args),
             )
@@ -317,7 +418,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 #: ``update`` settings: the online ones, the data's and the checkpoint's.
-UPDATE_OPTIONS = ("batch_size", "step_size", "variable", "sample_dim", "checkpoint", "resume", "overwrite")
+UPDATE_OPTIONS = ("batch_size", "step_size", "variable", "sample_dim", "missing_chunks", "checkpoint", "resume", "overwrite")
 
 
 def cmd_update(args: argparse.Namespace) -> None:
@@ -326,10 +427,15 @@ def cmd_update(args: argparse.Namespace) -> None:
     settings = merged_settings(args)
     overwrite = bool(settings.get("overwrite"))
     check_out(args.out, overwrite)
+    # --out may replace MODEL (an update in place), but not the data; nor may the checkpoint sit in either.
+    check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
+    check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model))
     model = streamem.load(args.model)
-    streamem.load_data(args.data, variable=settings.get("variable"), sample_dim=settings.get("sample_dim"))  # fail before the cluster starts
+    where = data_keywords(settings)
+    streamem.load_data(args.data, **where)  # fail before the cluster starts
     if args.passes < 1:
         raise UsageError(f"--passes must be >= 1, got {args.passes}")
+    checkpoint = check_checkpoint(settings)  # last: it creates the directory
     if "batch_size" in settings:
         model.set_params(batch_size=settings["batch_size"])
     rows_before = model._rows_seen()
@@ -340,9 +446,8 @@ def cmd_update(args: argparse.Namespace) -> None:
             args.data,
             step_size=settings.get("step_size"),
             passes=args.passes,
-            variable=settings.get("variable"),
-            sample_dim=settings.get("sample_dim"),
-            checkpoint=settings.get("checkpoint"),
+            **where,
+            checkpoint=checkpoint,
             resume=bool(settings.get("resume")),
             progress=_progress(args),
         )
@@ -359,10 +464,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import streamem
     from streamem.io import write_dataset
 
-    check_out(args.out, args.overwrite)
-    model = streamem.load(args.model)
     settings = merged_settings(args)
-    where = {"variable": args.variable, "sample_dim": args.sample_dim}
+    check_out(args.out, args.overwrite)
+    check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
+    model = streamem.load(args.model)
+    where = data_keywords(settings)
     # The model loads the data itself: its feature checks (and feature alignment) apply,
     # and an xarray input gives results carrying its sample coordinates. Lazy: fails before the cluster starts.
     data = model._load_fitted(args.data, **where)
@@ -392,10 +498,11 @@ def _as_dataarray(result: Any, *extra: str) -> Any:
 def cmd_score(args: argparse.Namespace) -> None:
     import streamem
 
+    settings = merged_settings(args)
     model = streamem.load(args.model)
     # Through the model's own loading, so its feature checks (and alignment) apply; before the cluster starts.
-    data = model._load_fitted(args.data, variable=args.variable, sample_dim=args.sample_dim)
-    with dask_client(merged_settings(args), args.quiet):
+    data = model._load_fitted(args.data, **data_keywords(settings))
+    with dask_client(settings, args.quiet):
         total = model._total_loglik(data)
     n = data.n_samples
     p = model._family().n_parameters(model.n_components, model.n_features_in_)
@@ -435,8 +542,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     check_out(args.out, overwrite=True)  # a picture is replaced silently, but its directory must take it
     model = streamem.load(args.model)
-    plot_model(model, args.out, data=args.data, variable=args.variable, sample_dim=args.sample_dim,
-               features=args.features, n_points=args.n_points, seed=args.seed)
+    data = None
+    if args.data is not None:
+        # Loaded here because plot_model takes no missing_chunks; the model's own loading, so its
+        # feature checks and alignment apply. Lazy: the rows are read when plot_model samples them.
+        data = model._load_fitted(args.data, **data_keywords(merged_settings(args))).array
+    plot_model(model, args.out, data=data, features=args.features, n_points=args.n_points, seed=args.seed)
     _say(args.quiet, f"wrote {args.out}")
 
 
@@ -444,11 +555,14 @@ def cmd_accumulate(args: argparse.Namespace) -> None:
     import streamem
     from streamem.mapreduce import accumulate, write_stats
 
+    settings = merged_settings(args)
     check_out(args.out, args.overwrite)
+    check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
     model = streamem.load(args.model)
-    model._load_fitted(args.data, variable=args.variable, sample_dim=args.sample_dim)  # lazy: fail before the cluster starts
-    with dask_client(merged_settings(args), args.quiet) as client:
-        ds = accumulate(model, args.data, rows=args.rows, variable=args.variable, sample_dim=args.sample_dim, client=client)
+    where = data_keywords(settings)
+    model._load_fitted(args.data, **where)  # lazy: fail before the cluster starts
+    with dask_client(settings, args.quiet) as client:
+        ds = accumulate(model, args.data, rows=args.rows, **where, client=client)
     write_stats(ds, args.out, overwrite=args.overwrite)
     _say(args.quiet, f"wrote statistics of rows {ds.attrs['rows']} to {args.out}")
 
@@ -458,6 +572,8 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     from streamem.mapreduce import reduce_stats
 
     check_out(args.out, args.overwrite)
+    # --out may replace --model (an iteration in place), not a shard.
+    check_distinct(("--out", args.out), *(("statistics store", path) for path in args.stats))
     model = reduce_stats(streamem.load(args.model), args.stats)
     model.save(args.out, overwrite=args.overwrite)
     _say(args.quiet, f"one EM iteration from {len(args.stats)} shards: mean log-likelihood {model.lower_bound_:.10g}; saved {args.out}")
@@ -510,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("data")
         p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
         p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
+        p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
         if name != "score":
             p.add_argument("--out", required=True)
             p.add_argument("--overwrite", action="store_true")
@@ -543,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
     p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
+    p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
     p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="two feature indices (default: first two principal axes)")
     p.add_argument("--n-points", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
@@ -568,8 +686,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.propagate = False
     try:
         args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        message = str(exc)
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        # OSError: a path we may not read or write (PermissionError, a read-only file system, ...).
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        # The library's keyword, as the flag that sets it here.
+        message = message.replace("missing_chunks='fill'", "--missing-chunks fill")
         print(f"streamem {args.command}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -95,12 +95,17 @@ def _wait_and_unpin(client: Any, blocks: list[Any], futures: list[Any], pins: li
     """Wait until every chunk is in memory, lifting each pin as its chunk arrives.
 
     Raises the error of a chunk that failed (KilledWorker when workers keep
-    dying while they read it, e.g. for a memory limit below what a chunk
-    needs). ``futures`` is updated in place where a chunk is submitted again.
+    dying while they read it), and ``ClusterError`` when workers leave more
+    than ``allowed-failures`` times each: a nanny restarts a worker that
+    goes over its memory limit, for ever, without a KilledWorker. ``futures``
+    is updated in place where a chunk is submitted again.
     """
     from distributed import wait
 
     pinned = {i for i, pin in enumerate(pins) if pin}
+    present = set(client.nthreads())
+    allowed = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) * max(1, len(present))
+    departures = 0
     while True:
         try:
             with client.as_current():  # ``wait`` asks for the current client
@@ -118,6 +123,13 @@ def _wait_and_unpin(client: Any, blocks: list[Any], futures: list[Any], pins: li
         if all(state == "finished" for state in status):
             return
         alive = set(client.nthreads())
+        departures += len(present - alive)
+        present = alive
+        if departures > allowed:
+            raise ClusterError(
+                f"workers left the cluster {departures} times while reading the data into memory: "
+                "if their memory limit is too small for it, give them more or use persist='never'"
+            )
         for i in sorted(i for i in pinned if pins[i] not in alive):
             # Cancel first (a synchronous round trip), so that the new
             # submission of the same key is a new task, free to run anywhere.
@@ -188,7 +200,6 @@ def reporting_job_class(base: type) -> type:
     the cluster's event loop, retried for ever, while the run waits for
     workers that will not come.
     """
-
     from distributed.core import Status
 
     class Reporting(base):  # type: ignore[misc, valid-type]
@@ -224,7 +235,7 @@ def submit_error_message(exc: BaseException) -> str:
             head = line.split(":", 1)[0]
             if head in fields:
                 rest = line.split(":", 1)[1].strip() if ":" in line else ""
-                after = [l for l in lines[i + 1 :] if l]
+                after = [text for text in lines[i + 1 :] if text]
                 fields[head] = rest or (after[0] if after else "")
         command = fields["Command"].split()[0] if fields["Command"] else "the submit command"
         return f"job submission failed: {command} exited with status {fields['Exit code']}: {fields['stderr'] or '(no message)'}"
@@ -320,14 +331,15 @@ def guarded_run(client: Any, n_workers: int, timeout: float, failures: list[Base
     restarts per worker: Dask's tolerance for a task whose workers die), and
     ``KilledWorker`` and no-worker timeouts are described in one line.
     """
-    allowed = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
-    watch = MemoryRestarts(client, allowed * max(1, n_workers))
+    per_worker = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+    watch = MemoryRestarts(client, per_worker * max(1, n_workers))
     try:
         wait_for_workers(client, n_workers, timeout, failures, watch)
+        watch.allowed = per_worker * max(n_workers, len(client.nthreads()))
         yield
     except ClusterError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # the client closed under a run ends it in CancelledError
         message = watch.reason or failure_message(exc)
         if message is None:
             raise
@@ -338,7 +350,6 @@ def guarded_run(client: Any, n_workers: int, timeout: float, failures: list[Base
 
 def quiet_dask_logs() -> None:
     """Silence Dask's own log lines, in this process and in worker processes started from now on."""
-    import logging
     import os
 
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"

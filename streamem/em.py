@@ -148,29 +148,54 @@ class _SharedBlasLimit:
     one out restores the counts the first one found. (Each pass entering
     ``threadpool_limits`` on its own took a count another pass had lowered
     for the original, and could leave OpenBLAS at 1 thread for good.)
+
+    The limit is held by a thread of our own, which sets and restores it:
+    threadpoolctl 3.8+ lets only the thread that set OpenBLAS's count change
+    it until that thread's ``with threadpool_limits`` ends, and silently
+    ignores the others, so a restore from another fit's thread did nothing.
+    The thread lives only while the limit does (nothing left to a fork).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
-        self._limiter: Any = None
+        self._release = threading.Event()
+        self._holder: threading.Thread | None = None
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self._lock:
             if self._users == 0:
-                from threadpoolctl import threadpool_limits
-
-                self._limiter = threadpool_limits(1)
+                self._hold()
             self._users += 1
         try:
             yield
         finally:
             with self._lock:
                 self._users -= 1
-                if self._users == 0:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
+                if self._users == 0 and self._holder is not None:
+                    self._release.set()
+                    self._holder.join()
+                    self._holder = None
+
+    def _hold(self) -> None:
+        """Start the thread that sets the limit, and wait until it has."""
+        limited, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            from threadpoolctl import threadpool_limits
+
+            try:
+                with threadpool_limits(1):
+                    limited.set()
+                    release.wait()
+            finally:
+                limited.set()  # also when limiting failed: the passes run unlimited
+
+        self._release = release
+        self._holder = threading.Thread(target=hold, name="streamem-blas-limit", daemon=True)
+        self._holder.start()
+        limited.wait()
 
 
 _ONE_BLAS_THREAD = _SharedBlasLimit()

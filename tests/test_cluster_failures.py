@@ -72,7 +72,11 @@ def test_concurrent_fits_leave_the_blas_thread_count_as_it_was(X):
                 assert errors == [None] * len(models)
                 assert _blas_threads() == original
     finally:
-        threadpool_limits(original)  # leave the process as we found it, whatever happened
+        # Leave the process as we found it, whatever happened (from a thread
+        # of its own: threadpoolctl lets the thread that sets a count keep it).
+        reset = threading.Thread(target=lambda: threadpool_limits(original))
+        reset.start()
+        reset.join()
     # Each model is the one a fit on its own gives.
     alone = streamem.GaussianMixture(n_components=3, tol=0, max_iter=15, **make_inits("full")).fit(X)
     np.testing.assert_allclose(models[0].means_, alone.means_, rtol=1e-12)
@@ -174,6 +178,27 @@ def test_a_worker_dying_while_it_reads_the_chunks_does_not_hang_a_persisted_fit(
     np.testing.assert_allclose(model.means_, reference.means_, rtol=1e-10)
     np.testing.assert_allclose(model.lower_bounds_, reference.lower_bounds_, rtol=1e-10)
 
+
+
+def _exit_always(block: np.ndarray) -> np.ndarray:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # not on a worker: this process is the test's
+        return block
+    os._exit(1)
+
+
+def test_a_chunk_that_kills_every_worker_ends_the_fit_with_an_error(X, one_worker):
+    """Workers that die again and again while reading: an error (not an endless wait)."""
+    from distributed.scheduler import KilledWorker
+
+    from streamem.cluster import ClusterError
+
+    data = da.from_array(np.array(X), chunks=(700, -1)).map_blocks(_exit_always, dtype=X.dtype)
+    outcome = _fit_or_hang(streamem.GaussianMixture(client=one_worker, persist="always", **_params()), data)
+    assert isinstance(outcome.get("error"), (KilledWorker, ClusterError)), outcome
 
 def test_auto_persist_counts_what_the_workers_hold_already():
     """The "auto" budget is half each worker's limit *less* its process's baseline memory."""
