@@ -103,14 +103,24 @@ def _fit_or_hang(model, data, timeout: float = FIT_TIMEOUT):
     return outcome
 
 
+def _local_client(n_workers: int):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as lc:
+        with Client(lc, set_as_default=False) as client:
+            yield client
+
+
 @pytest.fixture
 def one_worker():
     """A LocalCluster with one worker process under a nanny (which restarts it when it dies)."""
-    from distributed import Client, LocalCluster
+    yield from _local_client(1)
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as lc:
-        with Client(lc, set_as_default=False) as client:
-            yield client
+
+@pytest.fixture
+def two_workers():
+    """Two worker processes: chunks are pinned to each while they are read."""
+    yield from _local_client(2)
 
 
 def _params(**extra):
@@ -130,18 +140,20 @@ class _RestartAfter(logging.Handler):
             self.client.restart_workers(list(self.client.scheduler_info()["workers"]))
 
 
-def test_a_worker_restarted_between_passes_does_not_hang_a_persisted_fit(X, zarr_path, one_worker):
-    """The lost chunks are read again on the new worker and the fit gives the same model.
+@pytest.mark.parametrize("workers", ["one_worker", "two_workers"])
+def test_workers_restarted_between_passes_do_not_hang_a_persisted_fit(X, zarr_path, workers, request):
+    """The lost chunks are read again on the new workers and the fit gives the same model.
 
     Before the fix the chunks (and the store they were read from) were pinned
-    to the dead worker's address: distributed never moved them to the new one.
+    to the dead workers' addresses: distributed never moved them to new ones.
     """
+    client = request.getfixturevalue(workers)
     reference = streamem.GaussianMixture(**_params()).fit(X)
-    restart = _RestartAfter(one_worker, 3)
+    restart = _RestartAfter(client, 3)
     log = logging.getLogger("streamem")
     log.addHandler(restart)
     try:
-        model = streamem.GaussianMixture(client=one_worker, persist="always", verbose=1, verbose_interval=1, **_params())
+        model = streamem.GaussianMixture(client=client, persist="always", verbose=1, verbose_interval=1, **_params())
         outcome = _fit_or_hang(model, zarr_path)
     finally:
         log.removeHandler(restart)
@@ -230,9 +242,9 @@ def _config(tmp_path, **settings) -> str:
     return str(path)
 
 
-def _cli_fails_fast(*args, env=None, needles=(), bound: float = CLI_BOUND) -> str:
+def _cli_fails_fast(*args, env=None, cwd=None, needles=(), bound: float = CLI_BOUND) -> str:
     tic = time.monotonic()
-    proc = cli(*args, "--quiet", env=env, timeout=bound + 60)
+    proc = cli(*args, "--quiet", env=env, cwd=cwd, timeout=bound + 60)
     seconds = time.monotonic() - tic
     line = check_usage_error(proc, *needles)
     assert seconds < bound, f"took {seconds:.0f} s: {line}"
@@ -294,6 +306,7 @@ def test_shipped_cluster_configs_start_on_a_plain_node(zarr_path, tmp_path, name
     if shutil.which(command):
         pytest.skip(f"{command} is installed on this machine")
     config = os.path.join(REPO, "configs", f"{name}.yaml")
-    _cli_fails_fast("fit", zarr_path, "--out", tmp_path / "m.zarr", "--config", config,
+    # From tmp_path: the config's checkpoint directory is relative, and made before the cluster starts.
+    _cli_fails_fast("fit", zarr_path, "--out", tmp_path / "m.zarr", "--config", config, cwd=tmp_path,
                     needles=(f"cluster ({name})", f"{command!r} not found"))
-    assert not os.path.exists(os.path.join(REPO, "fit.ckpt"))
+    assert not (tmp_path / "m.zarr").exists()
