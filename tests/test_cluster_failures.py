@@ -8,6 +8,7 @@ in a thread joined with a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -103,6 +104,7 @@ def _fit_or_hang(model, data, timeout: float = FIT_TIMEOUT):
     return outcome
 
 
+@contextlib.contextmanager
 def _local_client(n_workers: int):
     from distributed import Client, LocalCluster
 
@@ -114,13 +116,15 @@ def _local_client(n_workers: int):
 @pytest.fixture
 def one_worker():
     """A LocalCluster with one worker process under a nanny (which restarts it when it dies)."""
-    yield from _local_client(1)
+    with _local_client(1) as client:
+        yield client
 
 
 @pytest.fixture
 def two_workers():
     """Two worker processes: chunks are pinned to each while they are read."""
-    yield from _local_client(2)
+    with _local_client(2) as client:
+        yield client
 
 
 def _params(**extra):
@@ -202,14 +206,17 @@ def _exit_always(block: np.ndarray) -> np.ndarray:
     os._exit(1)
 
 
-def test_a_chunk_that_kills_every_worker_ends_the_fit_with_an_error(X, one_worker):
+def test_a_chunk_that_kills_every_worker_ends_the_fit_with_an_error(X):
     """Workers that die again and again while reading: an error (not an endless wait)."""
     from distributed.scheduler import KilledWorker
 
     from streamem.cluster import ClusterError
 
     data = da.from_array(np.array(X), chunks=(700, -1)).map_blocks(_exit_always, dtype=X.dtype)
-    outcome = _fit_or_hang(streamem.GaussianMixture(client=one_worker, persist="always", **_params()), data)
+    # One death per task is enough (the default 3 only makes the test slower: a restart takes seconds).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with _local_client(1) as client:
+            outcome = _fit_or_hang(streamem.GaussianMixture(client=client, persist="always", **_params()), data)
     assert isinstance(outcome.get("error"), (KilledWorker, ClusterError)), outcome
 
 def test_auto_persist_counts_what_the_workers_hold_already():
