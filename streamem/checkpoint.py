@@ -47,7 +47,7 @@ import numpy as np
 import xarray as xr
 
 from streamem.backend import to_numpy
-from streamem.data import InputData
+from streamem.data import InputData, normalise_location
 from streamem.em import EMRun
 from streamem.io import FORMAT_VERSION, json_value, open_dataset, params_dataset, write_dataset
 
@@ -74,10 +74,11 @@ def data_fingerprint(data: InputData, scheduler: Any = "threads") -> dict[str, A
     """What identifies the data: shape, dtype, row chunks, location, store metadata,
     and a hash of the first and last :data:`FINGERPRINT_ROWS` rows.
 
-    The location is normalised (``data.zarr``, ``./data.zarr/`` and the
-    absolute path are the same data). The values of rows in between are not
-    read (that would cost a pass): data rewritten in place with the same
-    shape and the same first and last rows are not told apart.
+    The location is normalised (``data.zarr``, ``./data.zarr/``, the
+    absolute path, ``~/...`` and a symbolic link to it are the same data).
+    The values of rows in between are not read (that would cost a pass):
+    data rewritten in place with the same shape and the same first and last
+    rows are not told apart.
     """
     a = data.array
     head, tail = dask.compute(a[:FINGERPRINT_ROWS], a[-FINGERPRINT_ROWS:], scheduler=scheduler)
@@ -93,18 +94,12 @@ def data_fingerprint(data: InputData, scheduler: Any = "threads") -> dict[str, A
 
 
 def _location(source: Any) -> Any:
-    """A store location in one spelling: absolute and normalised for local paths.
+    """A store location in one spelling (:func:`streamem.data.normalise_location`); other values as they are.
 
-    Idempotent, and kept apart from how :mod:`streamem.data` spells sources.
-    ``"array"`` (in-memory input) and URLs other than ``file://`` are kept.
+    Idempotent, so states of older streamem (which spelled local paths
+    absolute but with symbolic links) compare equal after it too.
     """
-    if not isinstance(source, str) or source == "array":
-        return source
-    if source.startswith("file://"):
-        return "file://" + os.path.normpath(os.path.abspath(source[len("file://") :]))
-    if "://" in source:
-        return source.rstrip("/")
-    return os.path.normpath(os.path.abspath(source))
+    return normalise_location(source) if isinstance(source, str) else source
 
 
 def _store_meta_json(meta: dict[str, Any]) -> str:
@@ -144,6 +139,11 @@ def _setting(name: str, value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- the directory
+def _expand(path: str | os.PathLike) -> str:
+    """A checkpoint directory as the file system names it: ``~`` expanded (every entry point calls this)."""
+    return os.path.expanduser(os.fspath(path))
+
+
 def checkpoint_exists(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a checkpoint state.
 
@@ -152,7 +152,7 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
     ValueError
         ``path`` exists but is not a directory a checkpoint may use.
     """
-    path = os.fspath(path)
+    path = _expand(path)
     if os.path.exists(path):
         _check_directory(path)
     return os.path.isfile(os.path.join(path, _POINTER))
@@ -167,7 +167,9 @@ def prepare_checkpoint(path: str | os.PathLike) -> None:
         ``path`` is a file, or a directory that holds other things and is not
         a streamem checkpoint directory.
     """
-    path = os.fspath(path)
+    path = _expand(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        _check_directory(path)  # refuses it by name; os.makedirs would raise a bare FileExistsError
     os.makedirs(path, exist_ok=True)
     if _check_directory(path):
         return
@@ -272,7 +274,7 @@ def save_checkpoint(
     ValueError
         ``path`` may not be used (see :func:`prepare_checkpoint`).
     """
-    path = os.fspath(path)
+    path = _expand(path)
     prepare_checkpoint(path)
     max_len = max(len(r.lower_bounds) for r in runs)
     ds = xr.concat([params_dataset(r.params, covariance_type) for r in runs], dim="run")
@@ -320,7 +322,7 @@ def _online_state(runs: list[EMRun], covariance_type: str) -> xr.Dataset:
     per_row = [r.stats * (1.0 / r.stats.n) for r in runs]
     variables = {f"online_{k}": (("run", *stats_dims(k, covariance_type)), np.stack([s[k] for s in per_row])) for k in ("nk", "s1", "s2")}
     variables["online_center"] = (("run", "component", "feature"), np.stack([np.asarray(r.center) for r in runs]))
-    variables["n_steps"] = (("run",), np.array([r.n_steps for r in runs], dtype=np.int64))
+    variables["n_steps"] = (("run",), np.array([r.n_steps for r in runs], dtype=np.float64))
     return xr.Dataset(variables)
 
 
@@ -350,7 +352,7 @@ def load_checkpoint(
     Returns the runs as (parameter arrays, lower_bound, lower_bounds, n_iter,
     converged) and the iteration the state was saved after.
     """
-    path = os.fspath(path)
+    path = _expand(path)
     ds = _open_current(path)
     saved_fp = json.loads(ds.attrs["fingerprint"])
     # States of older streamem spelled the location as given: compare normalised.

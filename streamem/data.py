@@ -11,6 +11,11 @@ read through :class:`CheckedZarrReader`: Zarr itself reads a chunk file that
 is not in the store as the fill value and lets a codec's error name neither
 array nor chunk, so every chunk read checks that its chunk files exist and
 names the array and the rows of a chunk that is missing or cannot be decoded.
+A dask array or DataArray the user opened from Zarr is checked the same way
+while it is the whole stored array as opened (see :func:`load_data`, Notes).
+
+Local paths are spelled one way everywhere (:func:`normalise_location`):
+``~`` expanded, absolute, symbolic links resolved.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Iterator
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import xarray as xr
 import zarr
 from zarr.core.sync import sync as zarr_sync
@@ -53,8 +59,10 @@ class InputData:
     feature_coord : numpy.ndarray or None
         Values of the feature coordinate, when the input had one.
     source : str
-        Where the data came from (for provenance): the absolute, normalised
-        path of a local store, the store's URL otherwise, else ``"array"``.
+        Where the data came from (for provenance and checkpoint
+        fingerprints): the path of a local store as
+        :func:`normalise_location` spells it, the store's URL otherwise, else
+        ``"array"``.
     store_meta : dict
         Store metadata used to fingerprint the data (path, format).
     """
@@ -103,7 +111,7 @@ def load_data(
     Parameters
     ----------
     X : array-like, dask array, zarr.Array, str, os.PathLike, xarray object
-        The data, shape (n_samples, n_features).
+        The data, shape (n_samples, n_features). A path may start with ``~``.
     variable : str, optional
         Which variable of a Zarr group or ``xarray.Dataset`` holds the data.
     sample_dim : str, optional
@@ -119,11 +127,30 @@ def load_data(
         ``"fill"``: read it as the array's fill value, as Zarr does - for
         stores that are sparse by design (Zarr does not write a chunk that
         holds only the fill value unless ``write_empty_chunks`` is on). A chunk
-        that cannot be decoded is an error either way. Other inputs ignore it.
+        that cannot be decoded is an error either way. See Notes for which
+        inputs are checked.
 
     Returns
     -------
     InputData
+
+    Notes
+    -----
+    Which inputs are checked for missing chunk files (``missing_chunks``):
+
+    - checked: a path to a Zarr array or group; a ``zarr.Array``; a dask
+      array made by ``dask.array.from_zarr`` (or ``from_array`` of a
+      ``zarr.Array``); a DataArray (or Dataset) opened with
+      ``xarray.open_zarr`` or ``xarray.open_dataset(engine="zarr")``, with
+      or without dask - each only as opened: the whole stored array, in its
+      stored dimension order;
+    - not checked: any of these after an operation (slicing, ``isel`` /
+      ``sel``, ``transpose``, arithmetic, ``rechunk``, concatenation, ...),
+      and every other dask graph: streamem cannot see which store such an
+      array reads, and Zarr reads a missing chunk as the fill value (zeros,
+      or NaN for floats xarray wrote) without an error. To have such data
+      checked, pass the store's path (with ``variable=``), or select rows
+      after loading.
     """
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
@@ -133,12 +160,12 @@ def load_data(
     store_meta: dict[str, Any] = {}
     if isinstance(X, (str, os.PathLike)):
         # One spelling per store, so that provenance and checkpoint fingerprints agree.
-        source = os.path.abspath(os.fspath(X))
+        source = normalise_location(os.fspath(X))
         X, store_meta = _open_path(source, variable, sample_dim, missing_chunks)
     if isinstance(X, xr.Dataset):
         X = _select_variable(X, variable, list(X.data_vars))
     if isinstance(X, xr.DataArray):
-        info = _from_dataarray(X, sample_dim, chunk_rows)
+        info = _from_dataarray(X, sample_dim, chunk_rows, missing_chunks)
     elif isinstance(X, zarr.Array):
         _check_shape_dtype(X.shape, X.dtype)
         store_meta = store_meta or {"path": zarr_location(X), "zarr_format": X.metadata.zarr_format}
@@ -150,7 +177,7 @@ def load_data(
     elif isinstance(X, da.Array):
         _check_known_chunks(X)
         _check_shape_dtype(X.shape, X.dtype)
-        info = InputData(_row_chunked(X, chunk_rows), kind="dask")
+        info = InputData(_row_chunked(_checked_dask(X, missing_chunks), chunk_rows), kind="dask")
     else:
         info = _from_memory(X, chunk_rows)
     info.source = source
@@ -192,27 +219,62 @@ def align_features(data: InputData, fitted: Any) -> InputData:
     """
     if fitted is None or data.feature_coord is None:
         return data
-    expected, given = list(np.asarray(fitted).tolist()), list(data.feature_coord.tolist())
-    if given == expected:
-        return data
-    missing = [f for f in expected if f not in given]
-    unexpected = [f for f in given if f not in expected]
-    if missing or unexpected or len(set(given)) != len(given) or len(set(expected)) != len(expected):
+    # Labels compared as labels (pandas), not as Python values: datetime64[ns]
+    # and [us] of the same instant are one label, NaN is NaN, 0 is 0.0.
+    expected, given = _labels(fitted), _labels(data.feature_coord)
+    missing = expected[~expected.isin(given)].tolist()
+    unexpected = given[~given.isin(expected)].tolist()
+    if missing or unexpected or not given.is_unique or not expected.is_unique:
         raise ValueError(
-            f"X's feature coordinate {data.feature_dim!r} has labels {given}, but the model was fitted on {expected}: "
-            f"missing {missing}, unexpected {unexpected}"
+            f"X's feature coordinate {data.feature_dim!r} has labels {given.tolist()}, but the model was fitted on "
+            f"{expected.tolist()}: missing {missing}, unexpected {unexpected}"
             + ("" if missing or unexpected else " (labels repeat, so columns cannot be matched by label)")
         )
-    data.array = data.array[:, [given.index(f) for f in expected]]
+    order = given.get_indexer(expected)
+    if (order == np.arange(len(order))).all():
+        return data
+    data.array = data.array[:, order.tolist()]
     data.feature_coord = np.asarray(fitted)
     return data
 
 
+def _labels(values: Any) -> pd.Index:
+    """Feature labels as a pandas Index, compared by value whatever the dtype's unit or width."""
+    return pd.Index(np.asarray(values), tupleize_cols=False)
+
+
+def normalise_location(source: str) -> str:
+    """One spelling of a data location, so that every way to name a store compares equal.
+
+    A local path has ``~`` expanded and becomes absolute with ``.``, ``..``,
+    symbolic links and trailing separators resolved (``os.path.realpath``);
+    a ``file://`` URL counts as a local path. Other URLs lose a trailing
+    ``/``. ``"array"`` (in-memory data, which has no location) stays as it
+    is. Idempotent.
+
+    Parameters
+    ----------
+    source : str
+        A path, a URL or ``"array"``.
+
+    Returns
+    -------
+    str
+    """
+    if source == "array":
+        return source
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    elif "://" in source:
+        return source.rstrip("/")
+    return os.path.realpath(os.path.expanduser(source))
+
+
 def zarr_location(array: zarr.Array) -> str:
-    """Where a Zarr array lives: its absolute, normalised path in a local store, else the store's URL."""
+    """Where a Zarr array lives: its path in a local store (see :func:`normalise_location`), else the store's URL."""
     store = array.store_path.store
     if isinstance(store, LocalStore):
-        return os.path.normpath(os.path.join(os.path.abspath(store.root), array.store_path.path))
+        return normalise_location(os.path.join(os.fspath(store.root), array.store_path.path))
     return str(array.store_path)
 
 
@@ -227,6 +289,65 @@ def _from_reader(reader: "CheckedZarrReader") -> da.Array:
         lock=False,
         fancy=False,
     )
+
+
+def _checked_dask(arr: da.Array, missing_chunks: str, row_axis: int = 0) -> da.Array:
+    """``arr`` read through :class:`CheckedZarrReader` when it is a whole Zarr array as opened.
+
+    Recognised: ``dask.array.from_zarr(z)`` and the dask array of a variable
+    of ``xarray.open_zarr`` (with xarray's decoding), before any operation on
+    them - a graph of exactly the source and the block reads, of the stored
+    array's full shape. Anything else is returned as it is: its store, or
+    which of its rows a chunk holds, cannot be known. With
+    ``missing_chunks="fill"`` (Zarr's own behaviour) ``arr`` is returned too.
+    """
+    if missing_chunks == "fill":
+        return arr
+    traced = _zarr_source(arr)
+    if traced is None:
+        return arr
+    zarray, values = traced
+    checked = _from_reader(CheckedZarrReader(zarray, missing_chunks, values, row_axis))
+    return checked if checked.chunks == arr.chunks else checked.rechunk(arr.chunks)
+
+
+#: xarray's lazy wrappers that keep shape and element positions (decoding, copy-on-write, caching).
+_POSITION_KEEPING_WRAPPERS = (
+    "ImplicitToExplicitIndexingAdapter", "CopyOnWriteArray", "MemoryCachedArray", "_ElementwiseFunctionArray",
+    "NativeEndiannessArray", "BoolTypeArray",
+)  # fmt: skip
+
+
+def _zarr_source(arr: da.Array) -> tuple[zarr.Array, Any] | None:
+    """The Zarr array ``arr`` reads whole, and what to index for its values; None when not traceable."""
+    graph = arr.__dask_graph__()
+    source_layer = f"original-{arr.name}"
+    layers = getattr(graph, "layers", {})
+    if set(layers) != {source_layer, arr.name} or len(layers[source_layer]) != 1:
+        return None
+    (source,) = dict(layers[source_layer]).values()
+    return _traced_zarr(source, arr.shape)
+
+
+def _traced_zarr(source: Any, shape: tuple[int, ...]) -> tuple[zarr.Array, Any] | None:
+    """The Zarr array under ``source`` (a zarr.Array or xarray's lazy wrappers of one) and ``source``;
+    None when ``source`` is something else, or selects part of the stored array."""
+    inner = source
+    # Down xarray's wrappers (names, not imports: these classes are internal to xarray).
+    for _ in range(16):
+        name = type(inner).__name__
+        if name == "LazilyIndexedArray" and not all(k == slice(None) for k in getattr(inner.key, "tuple", (None,))):
+            return None  # a lazy selection: other rows than the store's
+        if name in _POSITION_KEEPING_WRAPPERS or name == "LazilyIndexedArray":
+            inner = inner.array
+        elif name == "ZarrArrayWrapper":
+            inner = getattr(inner, "_array", None)
+        else:
+            break
+    shape = tuple(shape)
+    if not isinstance(inner, zarr.Array) or tuple(inner.shape) != shape or tuple(getattr(source, "shape", ())) != shape:
+        return None
+    return inner, source
 
 
 class CheckedZarrReader:
@@ -375,8 +496,10 @@ def _select_variable(ds: Any, variable: str | None, names: list[str], where: str
     return None if ds is None else ds[variable]
 
 
-def _from_dataarray(X: xr.DataArray, sample_dim: str | None, chunk_rows: int | None) -> InputData:
-    if isinstance(X.data, da.Array):
+def _from_dataarray(X: xr.DataArray, sample_dim: str | None, chunk_rows: int | None, missing_chunks: str) -> InputData:
+    # ``X.data`` of an array xarray opened without dask reads it all: asked only of chunked ones.
+    is_dask = X.chunks is not None and isinstance(X.data, da.Array)
+    if is_dask:
         _check_known_chunks(X.data)
     if X.ndim != 2:
         _check_shape_dtype(X.shape, X.dtype)
@@ -385,6 +508,15 @@ def _from_dataarray(X: xr.DataArray, sample_dim: str | None, chunk_rows: int | N
     elif sample_dim not in X.dims:
         raise ValueError(f"sample_dim={sample_dim!r} is not a dimension of X; its dims are {list(X.dims)}")
     feature_dim = next(str(d) for d in X.dims if d != sample_dim)
+    # Before transposing: only the array as opened can be traced to its store.
+    row_axis = X.dims.index(sample_dim)
+    if is_dask:
+        X = X.copy(data=_checked_dask(X.data, missing_chunks, row_axis=row_axis))
+    else:
+        # Opened without dask (xarray.open_dataset(engine="zarr")): read lazily, chunk by checked chunk.
+        traced = _traced_zarr(getattr(X.variable, "_data", None), X.shape)
+        if traced is not None:
+            X = X.copy(data=_from_reader(CheckedZarrReader(traced[0], missing_chunks, X.variable, row_axis)))
     X = X.transpose(sample_dim, feature_dim)
     _check_shape_dtype(X.shape, X.dtype)
     arr = X.data if isinstance(X.data, da.Array) else da.from_array(np.asarray(X.data), chunks=(chunk_rows or DEFAULT_CHUNK_ROWS, -1))

@@ -2,10 +2,13 @@
 
 A model store holds the parameters as variables with named dimensions
 (``component``, ``feature``, ``feature_``), the input's feature coordinate
-when it had one, and provenance in the attributes. Writes go to a temporary
-name next to the target and are swapped into place (:func:`atomic_write`),
-and :func:`open_dataset` reads again a store swapped while it read, so a
-reader sees the old store or the new one, never half of one.
+when it had one (attribute ``has_feature_coord``), and provenance in the
+attributes. Writes go to a temporary name next to the target and are swapped
+into place (:func:`atomic_write`), and :func:`open_dataset` reads again a
+store swapped while it read, so a reader sees the old store or the new one,
+never half of one. A write replaces only a store streamem wrote (its
+``format`` attribute is one of :data:`STREAMEM_FORMATS`). Paths may start
+with ``~``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,24 @@ import os
 import shutil
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import dask
+import dask.base
+import dask.system
+import dask.threaded
 import numpy as np
 import xarray as xr
 
 #: Increase when the layout changes; readers refuse newer versions.
 FORMAT_VERSION = 1
 FORMAT_NAME = "streamem-model"
+#: The format of a store of per-row results (``streamem predict``), stamped by :func:`write_dataset`.
+PREDICTIONS_FORMAT = "streamem-predictions"
+#: The ``format`` attributes of the stores streamem writes: the only stores ``overwrite=True`` replaces.
+STREAMEM_FORMATS = (FORMAT_NAME, "streamem-stats", "streamem-checkpoint", PREDICTIONS_FORMAT)
 
 _PARAM_DIMS = {
     "full": ("component", "feature", "feature_"),
@@ -75,7 +87,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place.
 
     An existing ``path`` is refused (FileExistsError) unless ``overwrite``;
-    it is replaced only after the new store is complete and on disk.
+    it is replaced only after the new store is complete and on disk, and
+    only when it is a store streamem wrote (:func:`check_replaceable`,
+    checked before ``write`` is called). ``~`` in ``path`` is expanded.
 
     On Linux the new store is swapped in with ``renameat2(RENAME_EXCHANGE)``
     (and created with ``RENAME_NOREPLACE``): at every moment ``path`` holds
@@ -88,9 +102,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     store at ``path``, and two concurrent creators may both succeed (the
     later one wins).
     """
-    path = os.fspath(path).rstrip(os.sep) or os.sep
+    path = os.path.expanduser(os.fspath(path)).rstrip(os.sep) or os.sep
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if overwrite:
+        check_replaceable(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write {path!r}: directory {parent!r} does not exist")
@@ -105,6 +121,58 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     _fsync_dir(parent)
     for old in stale:
         _remove(old)
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse to replace ``path`` unless nothing is there or it is a store streamem wrote.
+
+    A store streamem wrote has a ``format`` attribute in
+    :data:`STREAMEM_FORMATS`; anything else (the user's data, a directory,
+    a file) is refused, so ``--overwrite`` cannot destroy an input given as
+    the output by mistake.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and what it holds.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    for _ in range(_OPEN_ATTEMPTS):
+        before = _identity(path)
+        held = _foreign_content(path)
+        if held is None:
+            return
+        if _identity(path) == before:  # not a store swapped in or out while we looked
+            break
+    raise ValueError(
+        f"{path!r} holds {held}, not a store written by streamem; overwrite=True (--overwrite) replaces only "
+        f"streamem's own stores (format attribute one of {list(STREAMEM_FORMATS)}): remove it yourself or write elsewhere"
+    )
+
+
+def _foreign_content(path: str) -> str | None:
+    """What is at ``path`` when it is not a streamem store (None: nothing there, or a streamem store)."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.exists(path):
+        return "a symbolic link to a missing target"
+    if not os.path.isdir(path):
+        return "a file"
+    for meta, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        meta_path = os.path.join(path, meta)
+        if not os.path.isfile(meta_path):
+            continue
+        try:
+            with open(meta_path) as fh:
+                doc = json.load(fh)
+            attrs = doc.get(key, {}) if key else doc
+            fmt = attrs.get("format") if isinstance(attrs, dict) else None
+        except (OSError, ValueError, AttributeError):
+            return f"a directory with an unreadable {meta}"
+        return None if fmt in STREAMEM_FORMATS else f"a Zarr store whose 'format' attribute is {fmt!r}"
+    if os.path.isfile(os.path.join(path, ".zarray")) or os.path.isfile(os.path.join(path, ".zgroup")):
+        return "a Zarr store whose 'format' attribute is None"
+    return "a directory that is not a Zarr store"
 
 
 #: renameat2 flags (linux/fs.h) and the "current directory" descriptor.
@@ -242,17 +310,75 @@ def _checksums(ds: xr.Dataset) -> dict[str, str]:
     return {name: hashlib.sha256(np.ascontiguousarray(ds[name].values).tobytes()).hexdigest()[:32] for name in sorted(ds.data_vars)}
 
 
-def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool, checksum: bool = True) -> None:
+def write_dataset(
+    ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool, checksum: bool = True, format_name: str | None = None
+) -> None:
     """Write ``ds`` to a Zarr v3 store at ``path``, atomically.
 
     With ``checksum`` (for small, in-memory datasets: models, checkpoints,
     statistics) a hash of every variable goes into the attributes so that
     :func:`open_dataset` notices missing or altered chunks, which Zarr would
     otherwise read back as fill values.
+
+    The store's ``format`` attribute is ``format_name``, else the one ``ds``
+    has, else :data:`PREDICTIONS_FORMAT` (per-row results carry no format
+    of their own); with it a later ``overwrite=True`` may replace the store.
+
+    Dask-backed variables are computed on the current scheduler; when that
+    fails, the error is raised only after every write task has stopped, so
+    that no task re-creates the temporary store after it is removed.
     """
+    fmt = format_name or ds.attrs.get("format") or PREDICTIONS_FORMAT
+    ds = ds.assign_attrs(format=fmt, format_version=ds.attrs.get("format_version", FORMAT_VERSION))
     if checksum:
         ds = ds.assign_attrs(checksums=json.dumps(_checksums(ds)))
-    atomic_write(path, lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False), overwrite=overwrite)
+    atomic_write(path, lambda tmp: _to_zarr(ds, tmp), overwrite=overwrite)
+
+
+def _to_zarr(ds: xr.Dataset, path: str) -> None:
+    if not dask.is_dask_collection(ds):
+        ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False)
+        return
+    _compute_writes(ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, compute=False))
+
+
+def _compute_writes(writes: Any) -> None:
+    """Compute a dask graph that writes chunks; if it fails, raise once no write task runs any more.
+
+    A failed task ends ``dask.compute`` at once while the other tasks keep
+    running (threads of the local scheduler, workers of a cluster), and they
+    would write into a store its caller is about to remove. On a
+    ``distributed`` client every chunk write is its own future and all are
+    waited for; on the threaded scheduler the pool is shut down with
+    ``wait=True``. Other schedulers run as they are (the synchronous one has
+    nothing else running; the multiprocessing one is not covered).
+    """
+    from distributed import Client
+
+    scheduler = dask.base.get_scheduler(collections=[writes])
+    client = getattr(scheduler, "__self__", None)  # the scheduler of a client is its bound ``get``
+    if isinstance(client, Client):
+        _compute_on_client(client, writes)
+    elif scheduler is dask.threaded.get:
+        workers = dask.config.get("num_workers", None) or dask.system.CPU_COUNT
+        with ThreadPoolExecutor(workers) as pool:  # leaving it waits for every running task
+            dask.compute(writes, scheduler="threads", pool=pool)
+    else:
+        dask.compute(writes)
+
+
+def _compute_on_client(client: Any, writes: Any) -> None:
+    from distributed import wait
+
+    graph = dict(writes.__dask_graph__())
+    # The chunk writes of ``dask.array.store`` (which xarray's to_zarr uses), each its own future.
+    # Should dask name them otherwise, only the final key is waited for: the behaviour of dask.compute.
+    keys = [k for k in graph if str(k[0] if isinstance(k, tuple) else k).startswith("store-map-")]
+    futures = client.get(graph, [*keys, writes.key], sync=False)
+    wait(futures)  # finished or failed, every one: then none of them is still writing
+    for future in futures:
+        if future.status == "error":
+            future.result()  # raises the task's error
 
 
 #: How often :func:`open_dataset` reads again a store that was replaced while it read it.
@@ -264,8 +390,9 @@ def open_dataset(path: str | os.PathLike, what: str = FORMAT_NAME) -> xr.Dataset
 
     A store replaced while it is read (:func:`atomic_write` by another
     process) is read again, so the result is the old store or the new one.
+    ``~`` in ``path`` is expanded.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     for attempt in range(_OPEN_ATTEMPTS):
         before = _identity(path)
         try:
@@ -341,10 +468,12 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
         "params": json.dumps({k: _jsonable(k, getattr(model, k)) for k in _STORED_PARAMS}),
         "n_features_in": int(model.n_features_in_),
         "feature_names_in": None if names is None else [str(n) for n in names],
+        # Explicit: a coordinate 0..d-1 and no coordinate are both stored as 0..d-1.
+        "has_feature_coord": getattr(model, "feature_coord_", None) is not None,
         "n_iter": int(model.n_iter_),
         "converged": bool(model.converged_),
         "lower_bound": float(model.lower_bound_),
-        "n_steps": int(getattr(model, "n_steps_", 0)),
+        "n_steps": float(getattr(model, "n_steps_", 0.0)),
         "n_rows_seen": int(model._rows_seen()),
         "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{f"data_{k}": v for k, v in getattr(model, "fit_data_", {}).items()},
@@ -378,15 +507,14 @@ def load_model(path: str | os.PathLike) -> Any:
         model.n_iter_ = int(ds.attrs["n_iter"])
         model.converged_ = bool(ds.attrs["converged"])
         model.lower_bound_ = float(ds.attrs["lower_bound"])
-        coord = ds["feature"].values
-        model.feature_coord_ = None if np.array_equal(coord, np.arange(len(coord))) else coord
+        model.feature_coord_ = _feature_coord(ds)
         if ds.attrs.get("feature_names_in"):
             model.feature_names_in_ = np.asarray(ds.attrs["feature_names_in"], dtype=object)
         model.fit_data_ = {k[5:]: v for k, v in ds.attrs.items() if k.startswith("data_")}
         if all(v in ds for v in _ONLINE_VARIABLES):
             model.online_stats_ = {k: ds[f"online_{k}"].values for k in ("nk", "s1", "s2")}
             model.online_center_ = ds["online_center"].values
-            model.n_steps_ = int(ds.attrs["n_steps"])
+            model.n_steps_ = float(ds.attrs["n_steps"])
         if "n_rows_seen" in ds.attrs:
             model.n_rows_seen_ = int(ds.attrs["n_rows_seen"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -394,6 +522,15 @@ def load_model(path: str | os.PathLike) -> Any:
     if model.means_.shape != (model.n_components, model.n_features_in_):
         raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: means have shape {model.means_.shape}")
     return model
+
+
+def _feature_coord(ds: xr.Dataset) -> np.ndarray | None:
+    """The model's feature coordinate, or None when it was fitted without one."""
+    coord = ds["feature"].values
+    has = ds.attrs.get("has_feature_coord")
+    if has is None:  # files of streamem before the flag: 0..d-1 stood for "no coordinate"
+        return None if np.array_equal(coord, np.arange(len(coord))) else coord
+    return coord if has else None
 
 
 def json_value(value: Any) -> Any:

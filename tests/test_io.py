@@ -314,13 +314,17 @@ def test_numpy_scalar_and_dtype_settings_round_trip(X, tmp_path):
 
 
 # ------------------------------------------------- atomic overwrite under concurrency (issue 13, item 20)
+#: A format overwrite=True may replace (a store of streamem's own; issue 13, item 2).
+VERSIONED = "streamem-predictions"
+
+
 def _version_store(version: int) -> xr.Dataset:
     return xr.Dataset({"v": ("x", np.full(64, version, dtype=np.int64))}, attrs={"version": version})
 
 
 def _read_version(path) -> int:
     """The version of the store at ``path``, checked complete (format, checksums)."""
-    ds = open_dataset(path, "versioned")
+    ds = open_dataset(path, VERSIONED)
     assert (ds["v"].values == ds.attrs["version"]).all()
     return int(ds.attrs["version"])
 
@@ -364,12 +368,12 @@ def _run_concurrently(path, writers: list, n_readers: int = 2, seconds: float = 
 
 def test_concurrent_overwrites_always_leave_an_old_or_new_store(tmp_path):
     path = tmp_path / "store.zarr"
-    write_dataset(_version_store(0).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+    write_dataset(_version_store(0).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=False)
 
     def writer(first):
         def job():
             for version in range(first, first + 10):
-                write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=True)
+                write_dataset(_version_store(version).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=True)
         return job
 
     seen = _run_concurrently(path, [writer(100 * w) for w in (1, 2, 3)])
@@ -388,7 +392,7 @@ def test_concurrent_creates_one_wins_the_others_are_refused(tmp_path):
     def create(version):
         start.wait()
         try:
-            write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+            write_dataset(_version_store(version).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=False)
             results.append(version)
         except FileExistsError:
             results.append("refused")
@@ -410,12 +414,12 @@ def test_without_renameat2_concurrent_overwrites_still_finish_cleanly(tmp_path, 
     """The fallback (two renames) promises less - a moment without a store - but no errors and no leftovers."""
     monkeypatch.setattr(streamem.io, "_RENAMEAT2", None)
     path = tmp_path / "store.zarr"
-    write_dataset(_version_store(0).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+    write_dataset(_version_store(0).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=False)
 
     def writer(first):
         def job():
             for version in range(first, first + 10):
-                write_dataset(_version_store(version).assign_attrs(format="versioned", format_version=1), path, overwrite=True)
+                write_dataset(_version_store(version).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=True)
         return job
 
     seen = _run_concurrently(path, [writer(100 * w) for w in (1, 2, 3)], n_readers=0)
@@ -423,5 +427,5 @@ def test_without_renameat2_concurrent_overwrites_still_finish_cleanly(tmp_path, 
     assert _read_version(path) in {109, 209, 309}
     assert _entries(tmp_path) == ["store.zarr"]
     with pytest.raises(FileExistsError):
-        write_dataset(_version_store(1).assign_attrs(format="versioned", format_version=1), path, overwrite=False)
+        write_dataset(_version_store(1).assign_attrs(format=VERSIONED, format_version=1), path, overwrite=False)
     assert _entries(tmp_path) == ["store.zarr"]
