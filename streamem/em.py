@@ -220,6 +220,7 @@ class DataPasses:
         self.scheduler = scheduler
         self.progress = progress
         self.offsets = data.row_offsets()
+        self.persisted = persist
         # With ``persist`` the data are read once; later passes find the
         # chunks in (the workers') memory, held by ``self.blocks``.
         array = data.array
@@ -304,8 +305,8 @@ class DataPasses:
         The chunks are visited in an order shuffled by ``pass_seed`` (with
         ``settings.shuffle``, else in storage order); each link's task gets
         the runs the previous one returned, so the tasks form a chain, run
-        where the chunk lives when it is persisted. Chunk reads are tasks of
-        their own, ready ahead of the chain but at most
+        where the chunk lives when it is persisted (persisted chunks are not
+        read again). Chunk reads are tasks of their own, ready ahead of the chain but at most
         :data:`READ_AHEAD` chunks ahead of it (each read waits for the link
         that many places before its own), so a pass holds at most
         ``READ_AHEAD + 1`` chunks in memory. ``payload`` is ``(family,
@@ -319,7 +320,7 @@ class DataPasses:
         links: list[Any] = []
         for j, chunk in enumerate(int(i) for i in order):
             block, home = self.blocks[chunk], self.homes[chunk]
-            if home is None:  # not held by a worker: read it in a task of its own, gated
+            if not self.persisted:  # read it in a task of its own, gated
                 gate = links[j - READ_AHEAD][1] if j >= READ_AHEAD else None
                 block = dask.delayed(_read_block, pure=False)(_Literal(self.data.array.blocks[chunk]), gate)
             payload = _Literal((family, settings, chunk, pass_seed, [run.blocks.get(chunk, {}) for run in runs]))
@@ -388,7 +389,8 @@ class EMRun:
 
     ``stats`` are the statistics of the last M-step, centred at ``center``
     (the means of their E-step): batch EM's sums over all rows, online EM's
-    running statistics; ``n_steps`` counts online EM's M-steps. They let a
+    running statistics; ``n_steps`` counts the rows online EM has
+    processed, in units of its ``batch_size``. They let a
     fit be continued by online EM (``partial_fit``, ``update``).
     """
 
@@ -399,7 +401,7 @@ class EMRun:
     converged: bool = False
     stats: SuffStats | None = None
     center: np.ndarray | None = None
-    n_steps: int = 0
+    n_steps: float = 0.0
 
 
 def _stats_of_models(block: np.ndarray, offset: int, payload: tuple[Any, list[Any]]) -> list[SuffStats]:

@@ -107,7 +107,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     batch_size : int, default=2000
         Rows per mini-batch of the online algorithms, at most: each chunk is
         cut into ``ceil(rows / batch_size)`` mini-batches of nearly equal
-        size, independent of the storage chunking otherwise. What makes
+        size (a mini-batch never spans chunks). A mini-batch of ``n`` rows
+        counts as ``n / batch_size`` steps, so the weight each row gets does
+        not depend on the storage chunking. What makes
         online EM converge is the number of M-steps, so mini-batches must be
         small: a chunk-sized one is far too large. The default was chosen
         with ``scripts/bench/bench_online.py`` (README, "Online EM").
@@ -153,10 +155,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Passes over the data the last fit made (initialisation included).
     tasks_per_pass_ : int
         Dask tasks in the graph of the last pass (chunk reads included).
-    n_steps_ : int
-        Online EM's step counter ``t``: M-steps made by online EM, or after
-        a batch fit the count at which one more mini-batch of the same data
-        gets weight ``batch_size / n_samples`` (see :meth:`partial_fit`).
+    n_steps_ : float
+        Online EM's step counter ``t``: rows processed by online EM in units
+        of ``batch_size`` (a mini-batch of ``n`` rows counts as ``n /
+        batch_size`` steps), or after a batch fit the count at which one
+        more mini-batch of the same data gets weight ``batch_size /
+        n_samples`` (see :meth:`partial_fit`).
     online_stats_ : dict of ndarray
         The statistics online EM continues from, per row (``nk``, ``s1``,
         ``s2``), centred at ``online_center_``. Saved in model files.
@@ -285,6 +289,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._check_parameters()
         continuing = self.warm_start and hasattr(self, "converged_")
         if continuing:
+            self.n_rows_seen_ = self._rows_seen()  # before fit_data_ names the new data
             data = self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks)
             self._record_fit_data(data)
         else:
@@ -345,7 +350,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.n_data_passes_ = passes.n_passes
         self.tasks_per_pass_ = passes.tasks_per_pass
         self._set_online_state(run, data.n_samples, batch=self.algorithm == "batch")
-        self.n_rows_seen_ = (self._rows_seen() if continuing else 0) + data.n_samples
+        self.n_rows_seen_ = data.n_samples
         return self
 
     def partial_fit(
@@ -383,8 +388,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         self._check_parameters()
         first = not hasattr(self, "weights_")
+        seen = 0 if first else self._rows_seen()
         data = self._load(X, variable, sample_dim, reset=first, missing_chunks=missing_chunks)
         if not first:
+            self.n_rows_seen_ = seen  # before fit_data_ names the new data
             self._record_fit_data(data)
         family = self._family()
         scheduler = resolve_scheduler(self.client)
@@ -411,7 +418,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.n_data_passes_ = passes.n_passes
         self.tasks_per_pass_ = passes.tasks_per_pass
         self._set_online_state(run, data.n_samples)
-        self.n_rows_seen_ = (0 if first else self._rows_seen()) + data.n_samples
+        self.n_rows_seen_ = seen + data.n_samples
         return self
 
     def update(
@@ -455,20 +462,28 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         check_is_fitted(self)
         _check_int("passes", passes, 1)
-        saved = self.get_params()
+        settings = self.get_params()
+        learned = {name: value for name, value in vars(self).items() if name.endswith("_")}
+        seen = self._rows_seen()
         step_size = self.step_size if step_size is None else step_size
         try:
             self.set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size)
             if step_size is None:  # a running average: eta = 1 / (t + t0) with t + t0 = rows seen / batch_size
                 self.set_params(step_decay=1.0)
                 self._check_parameters()
-                self.n_steps_ = steps_for_rows(self._rows_seen(), self._online_settings())
+                self.n_steps_ = steps_for_rows(seen, self._online_settings())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0: a fixed number of passes
                 self.fit(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks,
                          checkpoint=checkpoint, resume=resume, progress=progress)  # fmt: skip
+        except BaseException:
+            for name in [name for name in vars(self) if name.endswith("_")]:  # a failed update changes nothing
+                delattr(self, name)
+            vars(self).update(learned)
+            raise
         finally:
-            self.set_params(**saved)
+            self.set_params(**settings)
+        self.n_rows_seen_ = seen + passes * self.fit_data_["shape"][0]
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
@@ -573,6 +588,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             self.covariances_ = self.covariances_[order]
             self.precisions_cholesky_ = self.precisions_cholesky_[order]
             self.precisions_ = self.precisions_[order]
+        if getattr(self, "online_stats_", None) is not None:  # the online state follows its components
+            stats = self.online_stats_
+            self.online_stats_ = {"nk": stats["nk"][order], "s1": stats["s1"][order], "s2": stats["s2"] if not per_component else stats["s2"][order]}
+            self.online_center_ = self.online_center_[order]
         return self
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -622,7 +641,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         state = getattr(self, "online_stats_", None)
         if state is not None:
             run.stats = SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), **state})
-            run.center, run.n_steps = self.online_center_, int(self.n_steps_)
+            run.center, run.n_steps = self.online_center_, float(self.n_steps_)
         else:  # a model saved before online EM: as if after a batch fit on its data
             run.n_steps = steps_for_rows(self._rows_seen(), self._online_settings())
         return run
@@ -635,7 +654,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         if run.stats is None or run.stats.n <= 0:
             self.online_stats_, self.online_center_ = None, None
-            self.n_steps_ = int(run.n_steps)
+            self.n_steps_ = float(run.n_steps)
             return
         per_row = run.stats * (1.0 / run.stats.n)
         self.online_stats_ = {name: per_row[name] for name in ("nk", "s1", "s2")}
@@ -643,7 +662,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if batch:
             self.n_steps_ = steps_for_rows(n_samples, self._online_settings())
         else:
-            self.n_steps_ = int(run.n_steps)
+            self.n_steps_ = float(run.n_steps)
 
     def _check_online_memory(self, data: InputData) -> None:
         """Refuse an incremental configuration whose per-mini-batch statistics would not fit."""
@@ -819,7 +838,7 @@ def _run_from_arrays(arrays: dict[str, np.ndarray], lower_bound: float, lower_bo
         run.stats = SuffStats(
             {"n": np.float64(1.0), "loglik": np.float64(0.0), **{k: arrays[f"online_{k}"] for k in ("nk", "s1", "s2")}}
         )
-        run.center, run.n_steps = arrays["online_center"], int(arrays["n_steps"])
+        run.center, run.n_steps = arrays["online_center"], float(arrays["n_steps"])
     return run
 
 

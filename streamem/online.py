@@ -69,10 +69,16 @@ class OnlineSettings:
     step_size: float | None = None
     shuffle: bool = True
 
-    def eta(self, t: int) -> float:
-        if self.step_size is not None:
-            return float(self.step_size)
-        return float((t + self.step_offset) ** -self.step_decay)
+    def weight(self, t: float, n_rows: float) -> float:
+        """Stepwise weight of a mini-batch of ``n_rows`` rows at step ``t``.
+
+        A mini-batch counts as ``n_rows / batch_size`` steps (chunks smaller
+        than ``batch_size`` give smaller mini-batches, with smaller steps):
+        ``1 - (1 - eta_t) ** (n_rows / batch_size)``, exactly ``eta_t`` for a
+        full mini-batch.
+        """
+        eta = self.step_size if self.step_size is not None else (t + self.step_offset) ** -self.step_decay
+        return float(1.0 - (1.0 - eta) ** (n_rows / self.batch_size))
 
 
 @dataclass(eq=False)
@@ -81,7 +87,12 @@ class OnlineRun:
 
     ``stats`` are centred at ``center`` (the means of their last E-step):
     stepwise, averaged per row; incremental, the sum of every mini-batch's
-    last statistics. ``blocks`` (incremental only) maps a chunk to the last
+    last statistics. ``n_steps`` counts rows processed, in units of
+    ``batch_size``. ``base`` (incremental only, per row, centred at
+    ``base_center``) stands in for the statistics of mini-batches not
+    visited yet: the statistics the run was continued from, or those its
+    parameters imply; ``total_rows`` is the size of the data.
+    ``blocks`` (incremental only) maps a chunk to the last
     statistics of each of its mini-batches and their centres; it stays on
     the client between passes and each chunk's task receives only its own
     entries, so the state that travels along the chain stays small.
@@ -90,9 +101,12 @@ class OnlineRun:
     params: Any
     stats: SuffStats | None = None
     center: np.ndarray | None = None
-    n_steps: int = 0
+    n_steps: float = 0.0
     pass_loglik: float = 0.0
     pass_rows: float = 0.0
+    base: SuffStats | None = None
+    base_center: np.ndarray | None = None
+    total_rows: int = 0
     blocks: dict[int, "BlockStats"] = field(default_factory=dict)
 
     def travelling(self) -> "OnlineRun":
@@ -176,16 +190,20 @@ def _update(
     if settings.algorithm == "stepwise":
         if run.stats is None:
             run.stats, run.center = family.stats_of_params(params), centre
-        eta = settings.eta(run.n_steps)
+        eta = settings.weight(run.n_steps, batch.n)
         run.stats = family.recentre(run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
     else:
-        total = batch if run.stats is None else family.recentre(run.stats, run.center, centre) + batch
-        if old is not None:
-            total = total - family.recentre(old[0], old[1], centre)
+        if run.base is None:
+            run.base, run.base_center = family.stats_of_params(params), centre
+        if run.stats is None:  # every mini-batch starts with its share of the base statistics
+            run.stats, run.center = run.base * float(run.total_rows), run.base_center
+        if old is None:
+            old = (run.base * batch.n, run.base_center)
+        total = family.recentre(run.stats, run.center, centre) + batch - family.recentre(old[0], old[1], centre)
         run.stats = total
     run.center = centre
     run.params = family.m_step(run.stats, centre)
-    run.n_steps += 1
+    run.n_steps += batch.n / settings.batch_size
     return batch, centre
 
 
@@ -221,16 +239,18 @@ def online_em(
     when that changes by less than ``tol``. ``callback(pass, runs)`` is
     called after every pass. Incremental EM's per-mini-batch statistics
     live only as long as this call: a continued incremental fit rebuilds
-    them in its first pass (its running sum restarts from zero).
+    them in its first pass, from the statistics it was continued from
+    (standing in for every mini-batch's old share).
     """
     n = passes.data.n_samples
-    online = [_as_online(run, settings) for run in runs]
+    online = [_as_online(run, settings, n) for run in runs]
     for pass_index in range(start_iter + 1, max_iter + 1):
         active = [i for i, run in enumerate(runs) if not run.converged]
         if not active:
             break
         tic = time.perf_counter()
-        pass_seed = int(np.random.SeedSequence([seed, online[active[0]].n_steps]).generate_state(1)[0])
+        rows_done = int(round(online[active[0]].n_steps * settings.batch_size))
+        pass_seed = int(np.random.SeedSequence([seed, rows_done]).generate_state(1)[0])
         after = passes.chain(online_link, [online[i] for i in active], family, settings, pass_seed)
         if monitor == "exact":
             exact = passes.run(_loglik_of_models, (family, [r.params for r in after]), _add_lists)
@@ -247,7 +267,7 @@ def online_em(
             run.converged = abs(change) < tol
             if pass_index % log_every == 0 or run.converged or pass_index == max_iter:
                 logger.info(
-                    "pass %d%s: mean log-likelihood %.10g (%s), change %.3g, %d steps, %.2f s, %.3g rows/s",
+                    "pass %d%s: mean log-likelihood %.10g (%s), change %.3g, %.6g steps, %.2f s, %.3g rows/s",
                     pass_index, f" (run {i})" if len(runs) > 1 else "", value,
                     "exact" if monitor == "exact" else "online average over the pass", change,
                     state.n_steps, seconds, n / seconds,
@@ -257,15 +277,21 @@ def online_em(
     return runs
 
 
-def _as_online(run: EMRun, settings: OnlineSettings) -> OnlineRun:
-    """The online state of ``run``: its own if it has one of the right kind.
+def _as_online(run: EMRun, settings: OnlineSettings, total_rows: int) -> OnlineRun:
+    """The online state of ``run`` (its statistics, as averages per row, where it has some).
 
     Incremental EM cannot reuse a running sum whose per-mini-batch parts are
-    gone; stepwise EM takes any statistics, as averages per row.
+    gone: its statistics become the base that stands in for them.
     """
-    if run.stats is None or run.stats.n <= 0 or settings.algorithm == "incremental":
-        return OnlineRun(run.params, n_steps=run.n_steps)
-    return OnlineRun(run.params, run.stats * (1.0 / run.stats.n), run.center, run.n_steps)
+    online = OnlineRun(run.params, n_steps=run.n_steps, total_rows=total_rows)
+    if run.stats is None or run.stats.n <= 0:
+        return online
+    per_row = run.stats * (1.0 / run.stats.n)
+    if settings.algorithm == "incremental":
+        online.base, online.base_center = per_row, run.center
+    else:
+        online.stats, online.center = per_row, run.center
+    return online
 
 
 def _loglik_of_models(block: Any, offset: int, payload: tuple) -> list[float]:
@@ -278,7 +304,7 @@ def _add_lists(a: list[float], b: list[float]) -> list[float]:
     return [x + y for x, y in zip(a, b)]
 
 
-def steps_for_rows(n_rows: int, settings: OnlineSettings) -> int:
+def steps_for_rows(n_rows: int, settings: OnlineSettings) -> float:
     """The step count at which the next mini-batch weighs ``batch_size / n_rows``.
 
     After a batch fit on ``n_rows`` rows, stepwise EM continues from this
@@ -286,9 +312,9 @@ def steps_for_rows(n_rows: int, settings: OnlineSettings) -> int:
     in a running average.
     """
     if n_rows <= 0 or settings.step_size is not None:
-        return 0
+        return 0.0
     t = (n_rows / settings.batch_size) ** (1.0 / settings.step_decay) - settings.step_offset
-    return int(max(0.0, min(t, 2.0**62)))
+    return float(max(0.0, min(t, 1e300)))
 
 
 def incremental_bytes(row_chunks: Any, batch_size: int, n_components: int, n_features: int, covariance_type: str) -> int:

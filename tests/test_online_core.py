@@ -87,7 +87,7 @@ def test_incremental_replaces_each_blocks_statistics():
     family = GaussianFamily("full")
     passes = DataPasses(load_data(X, chunk_rows=1000), "threads")
     settings = OnlineSettings("incremental", batch_size=300)
-    run = OnlineRun(_initial("full", X))
+    run = OnlineRun(_initial("full", X), total_rows=len(X))
     for pass_seed in (3, 4):  # two passes: the second replaces every block's statistics
         (run,) = passes.chain(online_link, [run], family, settings, pass_seed)
     blocks = [(stats, centre) for chunk in run.blocks.values() for stats, centre in chunk.values()]
