@@ -289,7 +289,7 @@ def _real(path: str | os.PathLike) -> str | None:
     return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
 
 
-def check_distinct(*places: tuple[str, str | os.PathLike | None]) -> None:
+def check_distinct(*places: tuple[str, str | os.PathLike | None], may_hold: Sequence[str] = ()) -> None:
     """Refuse two of ``places`` that are one location, or one inside the other, before any work.
 
     Writing ``--out`` (with ``--overwrite``) or a checkpoint into the data,
@@ -300,6 +300,9 @@ def check_distinct(*places: tuple[str, str | os.PathLike | None]) -> None:
     ----------
     *places : tuple of (str, path or None)
         ``(name, path)`` pairs, the first named in the error; None is skipped.
+    may_hold : sequence of str
+        Names of places that may hold the others (a checkpoint directory
+        leaves entries that are not its own alone), but not be inside them.
 
     Raises
     ------
@@ -311,11 +314,12 @@ def check_distinct(*places: tuple[str, str | os.PathLike | None]) -> None:
         for name_b, b, real_b in given[i + 1:]:
             if real_a is None or real_b is None:
                 continue
+            common = os.path.commonpath([real_a, real_b])
             if real_a == real_b:
                 relation = "is"
-            elif os.path.commonpath([real_a, real_b]) == real_b:
+            elif common == real_b and name_b not in may_hold:
                 relation = "is inside"
-            elif os.path.commonpath([real_a, real_b]) == real_a:
+            elif common == real_a and name_a not in may_hold:
                 relation = "holds"
             else:
                 continue
@@ -379,7 +383,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     settings = merged_settings(args)
     check_out(args.out, bool(settings.get("overwrite")))
-    check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
+    check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
@@ -428,8 +432,9 @@ def cmd_update(args: argparse.Namespace) -> None:
     overwrite = bool(settings.get("overwrite"))
     check_out(args.out, overwrite)
     # --out may replace MODEL (an update in place), but not the data; nor may the checkpoint sit in either.
-    check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
-    check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model))
+    places = (("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
+    check_distinct(*places, may_hold=["--checkpoint"])
+    check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model), may_hold=["--checkpoint"])
     model = streamem.load(args.model)
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts

@@ -73,6 +73,7 @@ def accumulate(
     rows: str | None = None,
     variable: str | None = None,
     sample_dim: str | None = None,
+    missing_chunks: str = "raise",
     client: Any = None,
 ) -> xr.Dataset:
     """Statistics and log-likelihood of rows ``START:STOP`` of ``X`` under ``model``.
@@ -89,15 +90,19 @@ def accumulate(
         The variable of a Zarr group or xarray Dataset holding the data.
     sample_dim : str, optional
         The sample dimension of an xarray input (default: the first).
+    missing_chunks : {"raise", "fill"}, default="raise"
+        What a chunk file missing from a Zarr store means (see
+        :func:`streamem.data.load_data`).
     client : distributed.Client, optional
 
     Returns
     -------
     xarray.Dataset
         Ready for :func:`write_stats`; its attributes record the model, the
-        rows and the data (normalised source, shape, dtype).
+        rows and the data (normalised source, variable, sample dimension,
+        shape, dtype).
     """
-    data = model._load_fitted(X, variable=variable, sample_dim=sample_dim)
+    data = model._load_fitted(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks)
     start, stop = parse_rows(rows, data.n_samples)
     shard = load_data(data.array[start:stop])
     passes = DataPasses(shard, resolve_scheduler(client))
@@ -112,30 +117,50 @@ def accumulate(
         "n_samples_total": data.n_samples,
         # Normalised here, where a relative path means what the user meant.
         "data_source": normalise_source(data.source),
+        # Variables of one group share the source (and often the shape); a square variable read
+        # along either dimension has the same shape too. The sample dimension is the one used
+        # (the default resolved), so leaving out the default does not count as other data.
+        "data_variable": variable or "",
+        "data_sample_dim": data.sample_dim or "",
         "data_shape": json.dumps(list(data.array.shape)),
         "data_dtype": str(data.array.dtype),
     }
     return ds
 
 
-def _data_of(attrs: dict[str, Any]) -> tuple[str, str, str]:
-    """The data a shard was computed on: source (normalised by accumulate), shape, dtype."""
-    return attrs.get("data_source", "?"), attrs.get("data_shape", "?"), attrs.get("data_dtype", "?")
+#: What identifies the data of a shard: source (normalised by accumulate), variable, sample dimension, shape, dtype.
+DataIdentity = tuple[str, str, str, str, str]
+
+
+def _data_of(attrs: dict[str, Any]) -> DataIdentity:
+    """The data a shard was computed on (shards of older streamem lack variable and sample dimension: "")."""
+    return (
+        attrs.get("data_source", "?"),
+        attrs.get("data_variable", ""),
+        attrs.get("data_sample_dim", ""),
+        attrs.get("data_shape", "?"),
+        attrs.get("data_dtype", "?"),
+    )
+
+
+def _describe(data: DataIdentity) -> str:
+    source, variable, sample_dim, shape, dtype = data
+    where = (f", variable {variable!r}" if variable else "") + (f", sample dim {sample_dim!r}" if sample_dim else "")
+    return f"{source}{where} (shape {shape}, {dtype})"
 
 
 def _check_same_data(
-    first: tuple[str, tuple[str, str, str]] | None, path: str, attrs: dict[str, Any]
-) -> tuple[str, tuple[str, str, str]]:
+    first: tuple[str, DataIdentity] | None, path: str, attrs: dict[str, Any]
+) -> tuple[str, DataIdentity]:
     """Refuse a shard of other data than the first shard's; returns the first shard's (path, data)."""
     data = _data_of(attrs)
     if first is None:
         return path, data
     first_path, first_data = first
     if data != first_data:
-        describe = lambda d: f"{d[0]} (shape {d[1]}, {d[2]})"  # noqa: E731
         raise ValueError(
-            f"the shards come from different data: {first_path!r} from {describe(first_data)}, "
-            f"{path!r} from {describe(data)}; accumulate every shard on the same data"
+            f"the shards come from different data: {first_path!r} from {_describe(first_data)}, "
+            f"{path!r} from {_describe(data)}; accumulate every shard on the same data"
         )
     return first
 
@@ -148,7 +173,8 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
     """Sum the shards' statistics and do one M-step from ``model``.
 
     Refuses shards computed from another model, shards of different data
-    (another source, shape or dtype: a ValueError naming both), overlapping
+    (another source, variable, sample dimension, shape or dtype: a
+    ValueError naming both), overlapping
     row ranges, and (with a ValueError naming the missing rows) shards that
     do not cover the data. Returns a new fitted model: ``n_iter_`` one more,
     the shards' mean log-likelihood appended to ``lower_bounds_``.
@@ -157,7 +183,7 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
         raise ValueError("reduce needs at least one statistics store")
     digest = model_digest(model)
     parts, ranges, totals = [], [], set()
-    first_data: tuple[str, tuple[str, str, str]] | None = None
+    first_data: tuple[str, DataIdentity] | None = None
     for path in paths:
         ds = open_dataset(path, FORMAT_NAME)
         if ds.attrs.get("model_digest") != digest:
