@@ -59,7 +59,7 @@ FIT_OPTIONS = (
     Option("dtype", str, "precision of the E-step arithmetic (default float64)", ("float64", "float32")),
     Option("algorithm", str, "batch EM, or online EM: stepwise or incremental (default batch)", ("batch", "stepwise", "incremental")),
     Option("batch_size", int, "rows per online mini-batch (default 2000)"),
-    Option("step_decay", float, "stepwise steps (t + step_offset) ** -step_decay, in (0.5, 1] (default 0.6)"),
+    Option("step_decay", float, "stepwise steps (t + step_offset) ** -step_decay, in (0.5, 1] (default 0.7)"),
     Option("step_offset", float, "stepwise step offset, >= 1 (default 2)"),
     Option("step_size", float, "a constant online step in (0, 1] instead, for drifting data"),
     Option("monitor", str, "what an online pass reports (default online; exact costs a pass)", ("online", "exact")),

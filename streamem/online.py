@@ -64,7 +64,7 @@ class OnlineSettings:
 
     algorithm: str = "stepwise"
     batch_size: int = 2000
-    step_decay: float = 0.6
+    step_decay: float = 0.7
     step_offset: float = 2.0
     step_size: float | None = None
     shuffle: bool = True
@@ -192,6 +192,7 @@ def _update(
             run.stats, run.center = family.stats_of_params(params), centre
         eta = settings.weight(run.n_steps, batch.n)
         run.stats = family.recentre(run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
+        run.stats.arrays["n"] = np.float64(1.0)  # averages per row, exactly (it rounds otherwise)
     else:
         if run.base is None:
             run.base, run.base_center = family.stats_of_params(params), centre

@@ -207,7 +207,7 @@ def test_update_of_rows_from_the_same_distribution_ends_near_a_batch_refit_on_al
     assert updated.n_rows_seen_ == 20_000 and updated.algorithm == "batch"  # settings restored
     gap = refit.score(X) - updated.score(X)
     assert 0 <= gap < 2e-4, gap
-    # The stepwise schedule (alpha=0.6) weighs the new rows far beyond their share: further off.
+    # The stepwise schedule (alpha=0.7) weighs the new rows far beyond their share: further off.
     scheduled = _fit(old, batch_size=500, tol=1e-8, max_iter=300).partial_fit(new)
     assert refit.score(X) - scheduled.score(X) > gap
 
