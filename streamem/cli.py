@@ -265,7 +265,7 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> 
         When ``path`` exists and ``overwrite`` is false, or its directory
         does not exist, is not a directory, or is not writable.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # as the writers spell it
     if os.path.lexists(path) and not overwrite:
         raise UsageError(f"{flag}: {path!r} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -354,7 +354,7 @@ def check_checkpoint(settings: dict[str, Any]) -> str | None:
     except ValueError as exc:
         raise UsageError(f"--checkpoint: {exc}") from None
     # For root only a read-only file system stops a write, and os.access reports that too.
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(os.path.expanduser(path), os.W_OK | os.X_OK):
         raise UsageError(f"--checkpoint: cannot write {path!r}: the directory is not writable")
     return path
 

@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from streamem.cluster import resolve_scheduler
-from streamem.data import load_data
+from streamem.data import load_data, normalise_location
 from streamem.em import DataPasses, EMRun, _stats_of_models, add_elementwise
 from streamem.io import FORMAT_VERSION, open_dataset, stats_dims, write_dataset
 from streamem.stats import SuffStats, sum_in_order
@@ -32,23 +32,6 @@ def model_digest(model: Any) -> str:
     for a in (model.weights_, model.means_, model.covariances_, model.precisions_cholesky_):
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     return h.hexdigest()[:32]
-
-
-def normalise_source(source: str) -> str:
-    """One spelling of a data source, so that shards of one store compare equal.
-
-    Local paths become absolute with ``..``, symbolic links and trailing
-    separators resolved (``file://`` URLs count as local paths); other URLs
-    lose a trailing ``/``. ``"array"`` (in-memory data, which has no source)
-    stays as it is.
-    """
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    if "://" in source:
-        return source.rstrip("/")
-    if source == "array":
-        return source
-    return os.path.realpath(os.path.expanduser(source))
 
 
 def parse_rows(rows: str | None, n_samples: int) -> tuple[int, int]:
@@ -116,7 +99,7 @@ def accumulate(
         "rows": json.dumps([start, stop]),
         "n_samples_total": data.n_samples,
         # Normalised here, where a relative path means what the user meant.
-        "data_source": normalise_source(data.source),
+        "data_source": normalise_location(data.source),
         # Variables of one group share the source (and often the shape); a square variable read
         # along either dimension has the same shape too. The sample dimension is the one used
         # (the default resolved), so leaving out the default does not count as other data.
