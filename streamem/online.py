@@ -12,9 +12,14 @@ Stepwise EM keeps averaged statistics ``s``, per row::
 
     s <- (1 - eta_t) s + eta_t * s_batch / n_batch,   eta_t = (t + step_offset) ** -step_decay
 
-(or a constant ``eta``). Incremental EM keeps the last statistics of every
-mini-batch and their sum ``S``; revisiting a mini-batch replaces its share,
-``S <- S - s_old + s_new``, which never decreases the free energy.
+(or a constant ``eta``); a mini-batch of ``n`` rows counts as ``n /
+batch_size`` steps, with weight ``1 - (1 - eta_t) ** (n / batch_size)``, so
+the weight of a row does not depend on the chunking. Incremental EM keeps
+the last statistics of every mini-batch and their sum ``S``; revisiting a
+mini-batch replaces its share, ``S <- S - s_old + s_new``, which never
+decreases the free energy; a mini-batch not visited yet holds a share of
+base statistics (those the run continues from, or those its parameters
+imply).
 
 Gaussian statistics are centred at the component means of their E-step
 (DESIGN.md section 2); the means change after every mini-batch, so statistics
