@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
-from streamem.backend import array_module, check_device, to_device, to_numpy
+from streamem.backend import array_module, check_device, to_numpy
 from streamem.checkpoint import (
     checkpoint_exists,
     data_fingerprint,
