@@ -23,6 +23,20 @@ def array_module(x: Any) -> Any:
     return np
 
 
+def all_finite(x: Any) -> bool:
+    """Whether every value of ``x`` is finite, without an element-wise copy when they are.
+
+    NaN and inf survive a sum (inf - inf is NaN), so a finite sum proves
+    every value finite; only a sum that is not (or that overflows) is
+    followed by the element-wise test.
+    """
+    xp = array_module(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if bool(xp.isfinite(x.sum(dtype=np.float64))):
+            return True
+    return bool(xp.isfinite(x).all())
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """A host copy of ``x`` (no copy for numpy input)."""
     return x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)

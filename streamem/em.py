@@ -76,6 +76,11 @@ def _run_link(link: Callable[..., Any], runs: Any, block: Any, offset: int, payl
     return link(runs.value if isinstance(runs, _Literal) else runs, block, offset, payload.value)
 
 
+def _at_home(home: str | None) -> Any:
+    """Ask the tasks built inside to run on ``home``, the worker holding their chunk (loosely)."""
+    return dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
+
+
 def _read_block(block: Any, gate: Any) -> Any:
     """The chunk of a one-chunk dask array, read in this task (``gate`` only orders it)."""
     return block.value.compute(scheduler="sync")
@@ -243,10 +248,12 @@ class DataPasses:
         somewhere would otherwise keep its chunk on a worker until Python's
         cycle collector happens to run (seen as a flaky test).
         """
-        for block in self.blocks:
-            release = getattr(block, "release", None)
-            if release is not None and type(block).__name__ == "Future":
-                release()
+        if is_client(self.scheduler):
+            from distributed import Future
+
+            for block in self.blocks:
+                if isinstance(block, Future):
+                    block.release()
         self.blocks = []
 
     def run(self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False) -> Any:
@@ -294,9 +301,7 @@ class DataPasses:
         took 90 ms), hence several chunks per task. The restriction is
         loose: a free worker may still take the task.
         """
-        home = self.homes[start]
-        where = dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
-        with where:
+        with _at_home(self.homes[start]):
             return dask.delayed(_run_group, pure=False)(
                 fn,
                 self.blocks[start:stop],
@@ -333,8 +338,7 @@ class DataPasses:
                 gate = links[j - READ_AHEAD][1] if j >= READ_AHEAD else None
                 block = dask.delayed(_read_block, pure=False)(_Literal(self.data.array.blocks[chunk]), gate)
             payload = _Literal((family, settings, chunk, pass_seed, [run.blocks.get(chunk, {}) for run in runs]))
-            where = dask.annotate(workers=[home], allow_other_workers=True) if home else contextlib.nullcontext()
-            with where:
+            with _at_home(home):
                 links.append(dask.delayed(_run_link, pure=False, nout=2)(link, state, block, int(self.offsets[chunk]), payload))
             state = links[-1][0]
         self.tasks_per_pass = len(links[-1].__dask_graph__()) if links else 0

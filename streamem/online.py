@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from streamem.backend import to_numpy
+from streamem.backend import all_finite, to_numpy
 from streamem.em import EMRun
 from streamem.stats import SuffStats
 
@@ -171,7 +171,8 @@ def online_link(
 
 
 def _check_finite(X: np.ndarray, offset: int) -> None:
-    if X.size and not np.isfinite(X).all():
+    """Refuse NaN and inf, naming their global rows (no element-wise copy of a finite chunk)."""
+    if not all_finite(X):
         bad = ~np.isfinite(X)
         rows = np.flatnonzero(bad.any(axis=1))
         raise ValueError(
