@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-import stat
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -33,6 +31,7 @@ from workflow_helpers import (
     cli,
     inits,
     mixture_sample,
+    nightly_bin,
     quiet_fit,
     save_npy_inits,
     sklearn_fit,
@@ -348,19 +347,9 @@ def test_fit_init_from_keeps_component_labels(tmp_path):
 
 
 # ---------------------------------------------------------------- nightly job
-def _executable(path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 def test_nightly_refit_script_twice(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.log"
-    wrapper = bin_dir / "streamem-wrapper"
-    _executable(wrapper, f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{sys.executable}" -m streamem.cli "$@"\n')
     # The script names the model after today's date: pretend two days pass.
-    _executable(bin_dir / "date", '#!/bin/sh\necho "$FAKE_DATE"\n')
+    bin_dir, wrapper, calls = nightly_bin(tmp_path)
     models = tmp_path / "models"
     models.mkdir()
     config = tmp_path / "nightly.yaml"

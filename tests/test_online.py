@@ -222,20 +222,11 @@ def test_update_refuses_an_existing_output_before_any_work(tmp_path, capsys):
 
 
 def test_nightly_script_in_update_mode_reads_only_the_new_rows(tmp_path):
-    import stat
     import subprocess
-    import sys
 
-    from workflow_helpers import check_ok, mixture_sample
+    from workflow_helpers import check_ok, mixture_sample, nightly_bin
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.log"
-    wrapper = bin_dir / "streamem-wrapper"
-    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{sys.executable}" -m streamem.cli "$@"\n')
-    (bin_dir / "date").write_text('#!/bin/sh\necho "$FAKE_DATE"\n')
-    for script in (wrapper, bin_dir / "date"):
-        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    bin_dir, wrapper, calls = nightly_bin(tmp_path)
     models = tmp_path / "models"
     models.mkdir()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -181,3 +181,23 @@ def pickle_traces(root) -> list[str]:
             if data.startswith(PICKLE_STARTS) or any(h in data for h in PICKLE_FRAMES) or b"pickle" in data.lower():
                 found.append(os.path.relpath(path, root))
     return found
+
+
+def nightly_bin(tmp_path) -> tuple[str, str, object]:
+    """A directory for PATH with a ``streamem`` wrapper that logs its arguments and a ``date`` saying ``$FAKE_DATE``.
+
+    Returns the directory, the wrapper (for ``STREAMEM``) and the file of logged command lines.
+    """
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    scripts = {
+        bin_dir / "streamem-wrapper": f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{sys.executable}" -m streamem.cli "$@"\n',
+        bin_dir / "date": '#!/bin/sh\necho "$FAKE_DATE"\n',
+    }
+    for path, text in scripts.items():
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(bin_dir), str(bin_dir / "streamem-wrapper"), calls
