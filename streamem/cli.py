@@ -72,7 +72,8 @@ FIT_OPTIONS = (
     Option("overwrite", bool, "replace an existing --out", estimator=False),
 )
 CLUSTER_OPTIONS = (
-    Option("workers", int, "LocalCluster workers (default 2)", estimator=False),
+    Option("workers", int, "LocalCluster workers (default 2); 0: no cluster, Dask's threads in this process "
+           "(starts at once: for small runs such as a nightly update)", estimator=False),
     Option("threads_per_worker", int, "threads per LocalCluster worker (default 1)", estimator=False),
     Option("memory_limit", str, "memory limit per LocalCluster worker, e.g. 4GiB (default auto)", estimator=False),
     Option("scheduler", str, "address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786", estimator=False),
@@ -187,9 +188,16 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
 
             where = "local cluster"
             n_workers, failures = settings.get("workers", 2), None
-            for name in ("workers", "threads_per_worker"):
-                if settings.get(name, 1) < 1:
-                    raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {settings[name]}")
+            if n_workers < 0:
+                raise UsageError(f"--workers: must be at least 0 (0: no cluster, threads in this process), got {n_workers}")
+            if settings.get("threads_per_worker", 1) < 1:
+                raise UsageError(f"--threads-per-worker: must be at least 1, got {settings['threads_per_worker']}")
+            if n_workers == 0:
+                # Starting worker processes costs seconds (each imports numpy,
+                # dask and streamem): more than a small run's whole work.
+                _say(quiet, "no cluster: Dask's threaded scheduler in this process")
+                yield None
+                return
             try:
                 cluster = local_cluster(
                     n_workers=n_workers,

@@ -344,3 +344,20 @@ def test_persisted_local_online_pass_reads_each_chunk_once():
     data = da.from_array(X, chunks=(300, 3)).map_blocks(counted, dtype=X.dtype)
     _fit(data, algorithm="stepwise", batch_size=100, max_iter=3, persist="always", tol=0.0)
     assert len([r for r in reads if r]) == 15  # (dask calls it once on an empty block for its meta) read once when persisted; the initialisation and the 3 passes read no chunk again
+
+
+def test_update_without_a_cluster_equals_the_update_on_one(tmp_path, capsys):
+    """--workers 0 runs in this process on Dask's threads; the online result does not depend on where it runs."""
+    X = make_data()
+    _fit(X, batch_size=500).save(tmp_path / "m.zarr")
+    path = write_zarr(tmp_path / "new.zarr", make_data(n=3000, seed=11) + 0.3, (1000, 3))
+    outs = {}
+    for workers in ("0", "1"):
+        outs[workers] = str(tmp_path / f"w{workers}.zarr")
+        argv = ["update", str(tmp_path / "m.zarr"), path, "--out", outs[workers], "--workers", workers, "--batch-size", "500"]
+        assert main(argv) == 0
+    assert "no cluster" in capsys.readouterr().err
+    _assert_same(streamem.load(outs["0"]), streamem.load(outs["1"]))
+    assert main(["update", str(tmp_path / "m.zarr"), path, "--out", str(tmp_path / "bad.zarr"), "--quiet", "--workers", "-1"]) == 2
+    assert "--workers: must be at least 0" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad.zarr")
