@@ -3,10 +3,20 @@
 import logging
 
 from streamem.data import load_data
+from streamem.estimators import (
+    BernoulliMixture,
+    BinomialMixture,
+    CategoricalMixture,
+    GaussianMixture,
+    MixtureEstimator,
+    PoissonMixture,
+)
 from streamem.io import load_model as load
-from streamem.mixture import GaussianMixture
 
 __version__ = "0.1.0"
-__all__ = ["GaussianMixture", "load", "load_data", "__version__"]
+__all__ = [
+    "BernoulliMixture", "BinomialMixture", "CategoricalMixture", "GaussianMixture", "MixtureEstimator", "PoissonMixture",
+    "load", "load_data", "__version__",
+]  # fmt: skip
 
 logging.getLogger("streamem").addHandler(logging.NullHandler())

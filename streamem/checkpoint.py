@@ -49,7 +49,7 @@ import xarray as xr
 from streamem.backend import to_numpy
 from streamem.data import InputData, normalise_location
 from streamem.em import EMRun
-from streamem.io import FORMAT_VERSION, json_value, open_dataset, params_dataset, write_dataset
+from streamem.io import FORMAT_VERSION, _jsonable, json_value, open_dataset, params_dataset, stats_dims, write_dataset
 
 FORMAT_NAME = "streamem-checkpoint"
 #: The file that marks a directory as a streamem checkpoint directory.
@@ -111,21 +111,33 @@ def fit_settings(model: Any) -> dict[str, Any]:
     """The estimator settings a resumed fit must share with the checkpointed one, as JSON values.
 
     numpy scalars become Python numbers and dtypes their names, so that
-    ``n_components=np.int64(3)`` and ``3`` are the same setting.
+    ``n_components=np.int64(3)`` and ``3`` are the same setting. Settings
+    added after checkpoints existed (the family's own, ``learn_weights``,
+    ``prior``) are recorded only when they differ from what older fits
+    did, so a Gaussian checkpoint written before them still resumes.
 
     Raises
     ------
     TypeError
         A setting has no JSON form; raised here, before any work is done.
     """
-    settings = {name: _setting(name, getattr(model, name)) for name in _PLAIN_SETTINGS}
+    params = model.get_params(deep=False)
+    settings = {name: _setting(name, params[name]) for name in _PLAIN_SETTINGS if name in params}
     if getattr(model, "algorithm", "batch") != "batch":  # batch checkpoints keep their older settings
-        settings.update({name: _setting(name, getattr(model, name)) for name in _ONLINE_SETTINGS})
+        settings.update({name: _setting(name, params[name]) for name in _ONLINE_SETTINGS})
+    family = model._family(fitted=False)
+    if family.name != "gaussian":
+        settings["family"] = family.name
+        settings.update({name: _setting(name, value) for name, value in model._family_settings().items()})
+    if not model.learn_weights:
+        settings["learn_weights"] = False
+    if model.prior is not None:
+        settings["prior"] = _jsonable("prior", model.prior)
     random_state = model.random_state
     is_instance = isinstance(random_state, (np.random.RandomState, np.random.Generator))
     settings["random_state"] = "instance" if is_instance else _setting("random_state", random_state)
-    for name in ("weights_init", "means_init", "precisions_init"):
-        value = getattr(model, name)
+    for name in sorted(n for n in params if n.endswith("_init") and n != "n_init"):
+        value = params[name]
         settings[name] = None if value is None else hashlib.sha256(np.asarray(value, dtype=np.float64).tobytes()).hexdigest()[:16]
     json.dumps(settings)  # cannot fail after the conversions above: checked anyway, before any work
     return settings
@@ -263,7 +275,7 @@ def save_checkpoint(
     path: str | os.PathLike,
     runs: list[EMRun],
     iteration: int,
-    covariance_type: str,
+    family: Any,
     settings: dict[str, Any],
     fingerprint: dict[str, Any],
 ) -> None:
@@ -277,7 +289,7 @@ def save_checkpoint(
     path = _expand(path)
     prepare_checkpoint(path)
     max_len = max(len(r.lower_bounds) for r in runs)
-    ds = xr.concat([params_dataset(r.params, covariance_type) for r in runs], dim="run")
+    ds = xr.concat([params_dataset(r.params, family) for r in runs], dim="run")
     bounds = np.full((len(runs), max_len), np.nan)
     for i, r in enumerate(runs):
         bounds[i, : len(r.lower_bounds)] = r.lower_bounds
@@ -286,11 +298,12 @@ def save_checkpoint(
     ds["n_iter"] = (("run",), np.array([r.n_iter for r in runs]))
     ds["converged"] = (("run",), np.array([r.converged for r in runs]))
     if all(r.stats is not None and r.stats.n > 0 for r in runs):
-        ds = ds.merge(_online_state(runs, covariance_type))
+        ds = ds.merge(_online_state(runs, family))
     ds.attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),
+        "prior": json.dumps(_jsonable("prior", family.prior)),
         "settings": json.dumps(settings, sort_keys=True),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
@@ -311,17 +324,13 @@ def save_checkpoint(
     _remove_stale(path, keep=name)
 
 
-#: Variables of a state that hold the runs' online state (absent from older states).
-_ONLINE_NAMES = ("online_nk", "online_s1", "online_s2", "online_center", "n_steps")
-
-
-def _online_state(runs: list[EMRun], covariance_type: str) -> xr.Dataset:
+def _online_state(runs: list[EMRun], family: Any) -> xr.Dataset:
     """What online EM continues from, per run: statistics per row, their centre, the step counter."""
-    from streamem.io import stats_dims
-
     per_row = [r.stats * (1.0 / r.stats.n) for r in runs]
-    variables = {f"online_{k}": (("run", *stats_dims(k, covariance_type)), np.stack([s[k] for s in per_row])) for k in ("nk", "s1", "s2")}
-    variables["online_center"] = (("run", "component", "feature"), np.stack([np.asarray(r.center) for r in runs]))
+    names = [k for k in per_row[0].arrays if k not in ("n", "loglik")]
+    variables = {f"online_{k}": (("run", *stats_dims(k, family)), np.stack([s[k] for s in per_row])) for k in names}
+    if runs[0].center is not None:
+        variables["online_center"] = (("run", "component", "feature"), np.stack([np.asarray(r.center) for r in runs]))
     variables["n_steps"] = (("run",), np.array([r.n_steps for r in runs], dtype=np.float64))
     return xr.Dataset(variables)
 
@@ -349,8 +358,9 @@ def load_checkpoint(
 ) -> tuple[list[tuple[dict[str, np.ndarray], float, list[float], int, bool]], int]:
     """Read the current state; refuse it if it was made with other data or settings.
 
-    Returns the runs as (parameter arrays, lower_bound, lower_bounds, n_iter,
-    converged) and the iteration the state was saved after.
+    Returns the runs as (arrays, lower_bound, lower_bounds, n_iter,
+    converged), with arrays the parameters and any online state by
+    variable name, and the iteration the state was saved after.
     """
     path = _expand(path)
     ds = _open_current(path)
@@ -369,10 +379,16 @@ def load_checkpoint(
     runs = []
     for i in range(ds.sizes["run"]):
         r = ds.isel(run=i)
-        arrays = {v: r[v].values for v in ("weights", "means", "covariances", "precisions_cholesky")}
-        arrays.update({v: r[v].values for v in _ONLINE_NAMES if v in r})
+        arrays = {v: r[v].values for v in r.data_vars if v not in ("lower_bounds", "lower_bound", "n_iter", "converged")}
         bounds = r["lower_bounds"].values
         runs.append(
             (arrays, float(r["lower_bound"]), [float(b) for b in bounds[~np.isnan(bounds)]], int(r["n_iter"]), bool(r["converged"]))
         )
     return runs, int(ds.attrs["iteration"])
+
+
+def checkpoint_prior(path: str | os.PathLike) -> Any:
+    """The prior hyperparameters the checkpointed fit used (None: none, or a state written before priors)."""
+    from streamem.io import _from_json
+
+    return _from_json(json.loads(_open_current(_expand(path)).attrs.get("prior", "null")))

@@ -419,6 +419,7 @@ class EMRun:
 
 def _stats_of_models(block: np.ndarray, offset: int, payload: tuple[Any, list[Any]]) -> list[SuffStats]:
     family, params_list = payload
+    family.check_data(block, offset)
     return [family.chunk_stats(block, params) for params in params_list]
 
 
@@ -438,7 +439,7 @@ def batch_em(
     Each iteration computes, for every run still going, the statistics and
     the log-likelihood under its current parameters in one pass, then does
     the M-steps on the client. A run stops when its mean log-likelihood
-    changes by less than ``tol`` (scikit-learn's rule) or after ``max_iter``
+    (plus the log-prior per row, for MAP) changes by less than ``tol`` (scikit-learn's rule) or after ``max_iter``
     iterations. ``callback(iteration, runs)`` is called after every M-step.
     One INFO line per run is logged every ``log_every`` iterations and at
     the end.
@@ -453,9 +454,11 @@ def batch_em(
         changes = []
         for run, s in zip(active, stats):
             previous = run.lower_bound
-            run.stats, run.center = s, run.params.means
-            run.params = family.m_step(s, run.params.means)
-            run.lower_bound = s.loglik / s.n
+            # MAP-EM: the objective is the log-likelihood plus the log-prior, at the E-step's parameters.
+            objective = s.loglik + family.log_prior(run.params)
+            run.stats, run.center = s, family.center(run.params)
+            run.params = family.m_step(s, run.center)
+            run.lower_bound = objective / s.n
             run.lower_bounds.append(run.lower_bound)
             run.n_iter = iteration
             run.converged = abs(run.lower_bound - previous) < tol

@@ -145,6 +145,7 @@ def _hard_assign_stats(block: Any, offset: int, payload: tuple[Any, list[np.ndar
     """Statistics of nearest-centre (k-means) labels, for every set of centres."""
     family, centers_list = payload
     X = to_numpy(block)
+    family.check_data(X, offset)
 
     def one_slice(rows: np.ndarray, centers: np.ndarray) -> SuffStats:
         rows = rows.astype(np.float64, copy=False)
@@ -178,6 +179,7 @@ def _random_resp_stats(block: Any, offset: int, payload: tuple[Any, list[int], n
     family, keys, center = payload
     K = len(center)
     X = to_numpy(block)
+    family.check_data(X, offset)
 
     def one_slice(rows: np.ndarray, start: int, key: int) -> SuffStats:
         return family.stats_from_resp(rows, random_resp(key, offset + start, len(rows), K), center)
@@ -193,6 +195,7 @@ def initial_params(
     rng: np.random.RandomState,
     n_runs: int = 1,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
+    family_of_sample: Callable[[np.ndarray], Any] | None = None,
 ) -> list:
     """Initial parameters of ``n_runs`` runs by ``method`` (one of :data:`INIT_METHODS`).
 
@@ -209,11 +212,17 @@ def initial_params(
     :data:`SAMPLE_BLOCK_ROWS` rows that is scikit-learn's
     ``rng.choice(n, n_components, replace=False)``).
 
+    ``family_of_sample``, when given, is called with the sample the method
+    draws (``kmeans``, ``k-means++``, ``random``) and returns the family
+    to initialise with (a prior computed from that sample).
+
     Raises
     ------
     ValueError
         If ``sample_size < n_components``.
     """
+    if family_of_sample is None:
+        family_of_sample = lambda sample: family  # noqa: E731
     if sample_size < n_components:
         raise ValueError(
             f"sample_size={sample_size!r} must be >= n_components={n_components!r}: "
@@ -224,12 +233,14 @@ def initial_params(
         from sklearn.cluster import KMeans
 
         sample = draw_sample(passes, sample_size, rng)
+        family = family_of_sample(sample)
         centers = [KMeans(n_clusters=n_components, n_init=1, random_state=rng).fit(sample).cluster_centers_ for _ in range(n_runs)]
         stats = passes.run(_hard_assign_stats, (family, centers), add_elementwise)
         return [family.init_params(st, c, n) for st, c in zip(stats, centers)]
     if method == "random":
         keys = [int(rng.randint(np.iinfo(np.int64).max, dtype=np.int64)) for _ in range(n_runs)]
         sample = draw_sample(passes, min(sample_size, 1000), rng)
+        family = family_of_sample(sample)
         center = np.repeat(sample.mean(axis=0, keepdims=True), n_components, axis=0)
         stats = passes.run(_random_resp_stats, (family, keys, center), add_elementwise)
         return [family.init_params(st, center, n) for st in stats]
@@ -237,6 +248,7 @@ def initial_params(
         from sklearn.cluster import kmeans_plusplus
 
         sample = draw_sample(passes, sample_size, rng)
+        family = family_of_sample(sample)
         # Centred, as scikit-learn's KMeans does before its own k-means++:
         # the squared distances of raw data far from the origin cancel.
         centred = sample - sample.mean(axis=0)

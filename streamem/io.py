@@ -41,46 +41,29 @@ PREDICTIONS_FORMAT = "streamem-predictions"
 #: The ``format`` attributes of the stores streamem writes: the only stores ``overwrite=True`` replaces.
 STREAMEM_FORMATS = (FORMAT_NAME, "streamem-stats", "streamem-checkpoint", PREDICTIONS_FORMAT)
 
-_PARAM_DIMS = {
-    "full": ("component", "feature", "feature_"),
-    "tied": ("feature", "feature_"),
-    "diag": ("component", "feature"),
-    "spherical": ("component",),
-}
-#: Estimator parameters that are stored (arrays and clients are not).
-_STORED_PARAMS = (
-    "n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
-    "random_state", "warm_start", "verbose", "verbose_interval", "init_sample_size", "dtype", "persist", "device",
-    "algorithm", "batch_size", "step_decay", "step_offset", "step_size", "shuffle", "monitor",
-)  # fmt: skip
-#: Model-file variables of the online state (absent from older files, which still load).
-_ONLINE_VARIABLES = ("online_nk", "online_s1", "online_s2", "online_center")
+#: Model-file variables of the online state besides its statistics (absent from older files, which still load).
+_ONLINE_CENTER = "online_center"
 
 
-def stats_dims(name: str, covariance_type: str) -> tuple[str, ...]:
-    """Dimensions of the Gaussian statistic ``name`` (n, loglik, nk, s1, s2)."""
-    if name == "s2":
-        return {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(covariance_type, ("component", "feature"))
-    return {"n": (), "loglik": (), "nk": ("component",), "s1": ("component", "feature")}[name]
+def stats_dims(name: str, family: Any) -> tuple[str, ...]:
+    """Dimensions of statistic ``name`` of ``family`` (``n`` and ``loglik`` are scalars)."""
+    return family.stat_dims(name)
 
 
-def params_dataset(params: Any, covariance_type: str, feature_coord: np.ndarray | None = None) -> xr.Dataset:
-    """Mixture parameters (weights, means, covariances, precisions_cholesky) as a Dataset."""
-    K, d = params.means.shape
+def params_dataset(params: Any, family: Any, feature_coord: np.ndarray | None = None) -> xr.Dataset:
+    """Mixture parameters (``weights`` and the family's arrays) as a Dataset."""
+    arrays = family.param_arrays(params)
+    K = len(arrays["weights"])
+    d = next(v.shape[1] for name, v in arrays.items() if family.param_dims(name)[:2] == ("component", "feature"))
     features = np.arange(d) if feature_coord is None else np.asarray(feature_coord)
     if features.dtype.kind == "U":
         # Zarr v3 specifies variable-length strings, not fixed-width ones.
         features = features.astype(object)
-    cov_dims = _PARAM_DIMS[covariance_type]
-    return xr.Dataset(
-        {
-            "weights": (("component",), params.weights),
-            "means": (("component", "feature"), params.means),
-            "covariances": (cov_dims, params.covariances),
-            "precisions_cholesky": (cov_dims, params.precisions_cholesky),
-        },
-        coords={"component": np.arange(K), "feature": features, "feature_": features},
-    )
+    variables = {name: (("component",) if name == "weights" else family.param_dims(name), value) for name, value in arrays.items()}
+    coords = {"component": np.arange(K), "feature": features}
+    if any("feature_" in dims for dims, _ in variables.values()):
+        coords["feature_"] = features
+    return xr.Dataset(variables, coords=coords)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool) -> None:
@@ -444,28 +427,39 @@ def _open_once(path: str, what: str) -> xr.Dataset:
     return ds
 
 
+def stored_params(model: Any) -> dict[str, Any]:
+    """The estimator parameters a model file keeps, as JSON values (arrays and clients are not kept)."""
+    names = [n for n in model.get_params(deep=False) if n != "client" and not (n.endswith("_init") and n != "n_init")]
+    return {name: _jsonable(name, getattr(model, name)) for name in names}
+
+
 def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Save a fitted ``GaussianMixture`` to a Zarr store (see :meth:`GaussianMixture.save`)."""
+    """Save a fitted estimator to a Zarr store (see :meth:`MixtureEstimator.save`)."""
     from sklearn.utils.validation import check_is_fitted
 
     import streamem
 
     check_is_fitted(model)
-    ds = params_dataset(model._params(), model.covariance_type, getattr(model, "feature_coord_", None))
+    family = model._family()
+    ds = params_dataset(model._params(), family, getattr(model, "feature_coord_", None))
     ds["lower_bounds"] = (("iteration",), np.asarray(model.lower_bounds_, dtype=np.float64))
     ds = ds.assign_coords(iteration=np.arange(1, len(model.lower_bounds_) + 1))
     online = getattr(model, "online_stats_", None)
     if online is not None:
-        for k in ("nk", "s1", "s2"):
-            ds[f"online_{k}"] = (stats_dims(k, model.covariance_type), online[k])
-        ds["online_center"] = (("component", "feature"), model.online_center_)
+        for k, value in online.items():
+            ds[f"online_{k}"] = (stats_dims(k, family), value)
+        if model.online_center_ is not None:
+            ds[_ONLINE_CENTER] = (("component", "feature"), model.online_center_)
     names = getattr(model, "feature_names_in_", None)
     ds.attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "streamem_version": streamem.__version__,
         "model_class": type(model).__name__,
-        "params": json.dumps({k: _jsonable(k, getattr(model, k)) for k in _STORED_PARAMS}),
+        "family": family.name,
+        "params": json.dumps(stored_params(model)),
+        "prior": json.dumps(_jsonable("prior_", getattr(model, "prior_", None))),
+        "init_weights": None if model.weights_init is None else [float(w) for w in np.asarray(model.weights_init)],
         "n_features_in": int(model.n_features_in_),
         "feature_names_in": None if names is None else [str(n) for n in names],
         # Explicit: a coordinate 0..d-1 and no coordinate are both stored as 0..d-1.
@@ -482,7 +476,7 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
 
 
 def load_model(path: str | os.PathLike) -> Any:
-    """Load a model saved by :meth:`GaussianMixture.save`.
+    """Load a model saved by :meth:`MixtureEstimator.save`: the class is found by the name the file records.
 
     Raises
     ------
@@ -492,16 +486,22 @@ def load_model(path: str | os.PathLike) -> Any:
         ``path`` is not a streamem model, is truncated, or was written by a
         newer streamem.
     """
-    from streamem.families.gaussian import GaussianParams
-    from streamem.mixture import GaussianMixture
+    from streamem.estimators.base import estimator_class
 
     ds = open_dataset(path)
-    if ds.attrs.get("model_class") != "GaussianMixture":
-        raise ValueError(f"{os.fspath(path)!r} holds a {ds.attrs.get('model_class')!r}, not a GaussianMixture")
     try:
-        model = GaussianMixture(**json.loads(ds.attrs["params"]))
-        params = GaussianParams(*(ds[v].values for v in ("weights", "means", "covariances", "precisions_cholesky")))
-        model._set_params(model._family(), params)
+        cls = estimator_class(ds.attrs.get("model_class"))
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
+    try:
+        model = cls(**json.loads(ds.attrs["params"]))
+        if ds.attrs.get("init_weights") is not None:  # learn_weights=False keeps them
+            model.weights_init = np.asarray(ds.attrs["init_weights"], dtype=np.float64)
+        model.prior_ = _from_json(json.loads(ds.attrs.get("prior", "null")))
+        model.weights_ = ds["weights"].values  # _family() below reads the fitted prior
+        family = model._family()
+        params = family.make_params(**{name: ds[name].values for name in ("weights", *family.param_names)})
+        model._set_params(family, params)
         model.n_features_in_ = int(ds.attrs["n_features_in"])
         model.lower_bounds_ = [float(v) for v in ds["lower_bounds"].values]
         model.n_iter_ = int(ds.attrs["n_iter"])
@@ -511,17 +511,26 @@ def load_model(path: str | os.PathLike) -> Any:
         if ds.attrs.get("feature_names_in"):
             model.feature_names_in_ = np.asarray(ds.attrs["feature_names_in"], dtype=object)
         model.fit_data_ = {k[5:]: v for k, v in ds.attrs.items() if k.startswith("data_")}
-        if all(v in ds for v in _ONLINE_VARIABLES):
-            model.online_stats_ = {k: ds[f"online_{k}"].values for k in ("nk", "s1", "s2")}
-            model.online_center_ = ds["online_center"].values
+        online = {name[len("online_"):]: ds[name].values for name in ds.data_vars if name.startswith("online_") and name != _ONLINE_CENTER}
+        if online and (family.center(params) is None or _ONLINE_CENTER in ds):
+            model.online_stats_ = online
+            model.online_center_ = ds[_ONLINE_CENTER].values if _ONLINE_CENTER in ds else None
             model.n_steps_ = float(ds.attrs["n_steps"])
         if "n_rows_seen" in ds.attrs:
             model.n_rows_seen_ = int(ds.attrs["n_rows_seen"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: {exc}") from None
-    if model.means_.shape != (model.n_components, model.n_features_in_):
-        raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: means have shape {model.means_.shape}")
+    weights = model.weights_
+    if weights.shape != (model.n_components,):
+        raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: weights have shape {weights.shape}")
     return model
+
+
+def _from_json(value: Any) -> Any:
+    """A prior read back from JSON: lists become arrays."""
+    if isinstance(value, dict):
+        return {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else v for k, v in value.items()}
+    return value
 
 
 def _feature_coord(ds: xr.Dataset) -> np.ndarray | None:
@@ -558,6 +567,10 @@ def _jsonable(name: str, value: Any) -> Any:
     """An estimator parameter for the model file (a RandomState instance is stored as None)."""
     if isinstance(value, (np.random.RandomState, np.random.Generator)):
         return None  # not reproducible from a file
+    if isinstance(value, dict):
+        return {str(k): _jsonable(f"{name}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return np.asarray(value).tolist() if np.asarray(value).dtype.kind in "fiub" else [_jsonable(name, v) for v in value]
     try:
         return json_value(value)
     except TypeError:

@@ -29,7 +29,7 @@ FORMAT_NAME = "streamem-stats"
 def model_digest(model: Any) -> str:
     """A hash of the parameters the statistics were computed with."""
     h = hashlib.sha256()
-    for a in (model.weights_, model.means_, model.covariances_, model.precisions_cholesky_):
+    for a in model._family().param_arrays(model._params()).values():
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     return h.hexdigest()[:32]
 
@@ -63,7 +63,7 @@ def accumulate(
 
     Parameters
     ----------
-    model : GaussianMixture
+    model : MixtureEstimator
         The fitted model whose E-step the statistics come from.
     X : array-like, dask array, zarr.Array, path or xarray object
         The whole data set (see :func:`streamem.data.load_data`).
@@ -89,13 +89,14 @@ def accumulate(
     start, stop = parse_rows(rows, data.n_samples)
     shard = load_data(data.array[start:stop])
     passes = DataPasses(shard, resolve_scheduler(client))
-    (stats,) = passes.run(_stats_of_models, (model._family(), [model._params()]), add_elementwise)
-    ds = xr.Dataset({name: (stats_dims(name, model.covariance_type), value) for name, value in stats.arrays.items()})
+    family = model._family()
+    (stats,) = passes.run(_stats_of_models, (family, [model._params()]), add_elementwise)
+    ds = xr.Dataset({name: (stats_dims(name, family), value) for name, value in stats.arrays.items()})
     ds.attrs = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_digest": model_digest(model),
-        "covariance_type": model.covariance_type,
+        "family": family.name,
         "rows": json.dumps([start, stop]),
         "n_samples_total": data.n_samples,
         # Normalised here, where a relative path means what the user meant.
@@ -193,10 +194,11 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
         if name.endswith("_"):
             setattr(new, name, value)
     family = model._family()
-    new._set_params(family, family.m_step(total, model.means_))
-    new._set_online_state(EMRun(new._params(), stats=total, center=model.means_), int(total.n), batch=True)
+    center = family.center(model._params())
+    new._set_params(family, family.m_step(total, center))
+    new._set_online_state(EMRun(new._params(), stats=total, center=center), int(total.n), batch=True)
     previous = model.lower_bound_
-    new.lower_bound_ = total.loglik / total.n
+    new.lower_bound_ = (total.loglik + family.log_prior(model._params())) / total.n
     new.lower_bounds_ = list(model.lower_bounds_) + [new.lower_bound_]
     new.n_iter_ = model.n_iter_ + 1
     new.converged_ = abs(new.lower_bound_ - previous) < model.tol

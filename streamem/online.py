@@ -158,6 +158,7 @@ def online_link(
     family, settings, chunk, pass_seed, old_blocks = payload
     X = to_numpy(block)
     _check_finite(X, offset)
+    family.check_data(X, offset)
     runs = [replace(run) for run in runs]  # the previous link's result may be shared
     new_blocks: list[BlockStats] = [{} for _ in runs]
     for index, rows in batches_of_chunk(len(X), settings, chunk, pass_seed):
@@ -189,8 +190,8 @@ def _update(
     Returns the mini-batch's statistics and their centre (kept by incremental EM).
     """
     params = run.params
-    centre = params.means
-    batch = family.chunk_stats(Xb, params)  # centred at params.means
+    centre = family.center(params)
+    batch = family.chunk_stats(Xb, params)  # centred at centre
     run.pass_loglik += batch.loglik
     run.pass_rows += batch.n
     if settings.algorithm == "stepwise":
@@ -266,6 +267,7 @@ def online_em(
             online[i] = state
             run = runs[i]
             value = exact[j] / n if monitor == "exact" else state.pass_loglik / max(state.pass_rows, 1.0)
+            value += family.log_prior(state.params) / n  # MAP: the objective has the log-prior too
             change = value - run.lower_bound
             run.params, run.stats, run.center, run.n_steps = state.params, state.stats, state.center, state.n_steps
             run.lower_bound = value
@@ -324,9 +326,7 @@ def steps_for_rows(n_rows: int, settings: OnlineSettings) -> float:
     return float(max(0.0, min(t, 1e300)))
 
 
-def incremental_bytes(row_chunks: Any, batch_size: int, n_components: int, n_features: int, covariance_type: str) -> int:
-    """Memory incremental EM holds for one run: one set of statistics (and its centre) per mini-batch."""
-    K, d = n_components, n_features
+def incremental_bytes(row_chunks: Any, batch_size: int, stats_floats: int) -> int:
+    """Memory incremental EM holds for one run: one set of ``stats_floats`` statistics (and its centre) per mini-batch."""
     n_batches = sum(math.ceil(int(rows) / batch_size) for rows in row_chunks)
-    s2 = {"full": K * d * d, "tied": d * d}.get(covariance_type, K * d)
-    return n_batches * 8 * (2 + K + 2 * K * d + s2)
+    return n_batches * 8 * stats_floats

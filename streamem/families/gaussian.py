@@ -27,18 +27,17 @@ import numpy as np
 from scipy import linalg
 
 from streamem.backend import array_module, to_device, to_numpy
+from streamem.families.base import EPS10, ROW_OUTPUTS, MixtureFamily, register_family
 from streamem.stats import SuffStats
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-_EPS10 = 10 * np.finfo(np.float64).eps
+_EPS10 = EPS10
 _LOG_2PI = np.log(2 * np.pi)
 #: Rows per slice inside a chunk's E-step (keeps temporaries in cache) ...
 SLICE_ROWS = 8192
 #: ... fewer for large models, so that the per-row work arrays of a slice
 #: (K x d values each) stay within this many bytes.
 SLICE_BYTES = 32 * 2**20
-#: The per-row outputs :meth:`GaussianFamily.row_outputs` can give.
-ROW_OUTPUTS = ("log_prob", "labels", "resp", "loglik")
 #: Diag/spherical: the most that the terms of the expansion of
 #: ``sum_i r_ik (x_ij - m_kj)^2`` around one shift may exceed the result, for
 #: the expansion to be used (matrix products over all components, 2x faster
@@ -67,8 +66,9 @@ class GaussianParams:
     precisions_cholesky: np.ndarray
 
 
-@dataclass(frozen=True)
-class GaussianFamily:
+@register_family
+@dataclass(frozen=True, eq=False)
+class GaussianFamily(MixtureFamily):
     """Gaussian components of one covariance type.
 
     Parameters
@@ -87,8 +87,19 @@ class GaussianFamily:
     device : {"cpu", "cuda"}
         Where chunks are processed: "cuda" moves each chunk to the GPU
         (CuPy) as it is read. CuPy chunks are processed on the GPU either way.
+    prior : dict, optional
+        MAP estimation (see :meth:`default_prior`): ``weight_concentration``
+        (symmetric Dirichlet on the weights), and the Normal-inverse-Wishart's
+        ``mean_prior`` (d,), ``mean_precision_prior`` (kappa),
+        ``degrees_of_freedom_prior`` (nu) and ``covariance_prior`` (the
+        scale: (d, d) for full and tied, (d,) for diag, a number for
+        spherical).
+    fixed_weights : ndarray, optional
+        Keep the mixing weights at these values.
     """
 
+    name = "gaussian"
+    param_names = ("means", "covariances", "precisions_cholesky")
     covariance_type: str = "full"
     reg_covar: float = 1e-6
     dtype: str = "float64"
@@ -466,7 +477,14 @@ class GaussianFamily:
 
     # ---------------------------------------------------------------- M-step
     def m_step(self, stats: SuffStats, center: np.ndarray) -> GaussianParams:
-        """New parameters from summed statistics centred at ``center``."""
+        """New parameters from summed statistics centred at ``center``.
+
+        With a prior, the mode of the posterior (Fraley & Raftery 2007):
+        means shrunk toward ``mean_prior`` with weight ``kappa``, and the
+        scatter plus ``covariance_prior`` plus the shrinkage term divided
+        by ``nu + n_k + d + 2`` (full), ``nu + n + K + d + 1`` (tied),
+        ``nu + n_k + 3`` (diag) or ``nu + (n_k + 1) d + 2`` (spherical).
+        """
         counts = stats["nk"]
         nk = counts + _EPS10
         s1 = stats["s1"]
@@ -478,17 +496,100 @@ class GaussianFamily:
         d = means.shape[1]
         if ct == "full":
             scatter = stats["s2"] - corr[:, None, None] * np.einsum("ki,kj->kij", s1, s1)
-            cov = scatter / nk[:, None, None]
-            cov[:, np.arange(d), np.arange(d)] += self.reg_covar
         elif ct == "tied":
             scatter = stats["s2"] - np.einsum("k,ki,kj->ij", corr, s1, s1)
-            cov = scatter / nk.sum()
+        else:
+            scatter = stats["s2"] - corr[:, None] * s1**2
+        if self.prior is None:
+            if ct == "full":
+                cov = scatter / nk[:, None, None]
+            elif ct == "tied":
+                cov = scatter / nk.sum()
+            else:
+                cov = scatter / nk[:, None]
+        else:
+            means, cov = self._map_means_covariances(nk, means, scatter)
+        if ct == "full":
+            cov[:, np.arange(d), np.arange(d)] += self.reg_covar
+        elif ct == "tied":
             cov.flat[:: d + 1] += self.reg_covar
         else:
-            var = (stats["s2"] - corr[:, None] * s1**2) / nk[:, None] + self.reg_covar
-            cov = var if ct == "diag" else var.mean(axis=1)
-        weights = nk / nk.sum()
+            cov = cov + self.reg_covar
+            if ct == "spherical":
+                cov = cov.mean(axis=1)
+        weights = self.m_step_weights(counts)
         return GaussianParams(weights, means, cov, self.precision_cholesky(cov))
+
+    def _map_means_covariances(self, nk: np.ndarray, xbar: np.ndarray, scatter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior mode of means and covariances under the Normal-inverse-Wishart prior.
+
+        For spherical models the (K, d) result repeats each component's
+        variance, so that the caller's mean over features returns it.
+        """
+        p = self.prior
+        mu0, kappa, nu, scale = np.asarray(p["mean_prior"], float), float(p["mean_precision_prior"]), float(p["degrees_of_freedom_prior"]), p["covariance_prior"]
+        K, d = xbar.shape
+        means = (nk[:, None] * xbar + kappa * mu0) / (nk + kappa)[:, None]
+        diff = xbar - mu0
+        shrink = kappa * nk / (kappa + nk)
+        ct = self.covariance_type
+        if ct == "full":
+            cov = (np.asarray(scale) + scatter + shrink[:, None, None] * np.einsum("ki,kj->kij", diff, diff)) / (nu + nk + d + 2)[:, None, None]
+        elif ct == "tied":
+            cov = (np.asarray(scale) + scatter + np.einsum("k,ki,kj->ij", shrink, diff, diff)) / (nu + nk.sum() + K + d + 1)
+        elif ct == "diag":
+            cov = (np.asarray(scale) + scatter + shrink[:, None] * diff**2) / (nu + nk + 3)[:, None]
+        else:
+            total = float(scale) + scatter.sum(axis=1) + shrink * (diff**2).sum(axis=1)
+            cov = np.repeat((total / (nu + (nk + 1) * d + 2))[:, None], d, axis=1)
+        return means, cov
+
+    def log_prior(self, params: GaussianParams) -> float:
+        """Log-density of the prior at ``params``, up to a constant (0 without a prior)."""
+        out = self._weights_log_prior(params.weights)
+        if self.prior is None:
+            return out
+        p = self.prior
+        mu0, kappa, nu, scale = np.asarray(p["mean_prior"], float), float(p["mean_precision_prior"]), float(p["degrees_of_freedom_prior"]), p["covariance_prior"]
+        K, d = params.means.shape
+        diff = params.means - mu0
+        cov = params.covariances
+        ct = self.covariance_type
+        if ct in ("full", "tied"):
+            prec = self.precisions(params.precisions_cholesky)
+            precs = prec if ct == "full" else np.broadcast_to(prec, (K, d, d))
+            logdet_cov = -2.0 * np.log(np.abs(np.diagonal(params.precisions_cholesky, axis1=-2, axis2=-1))).sum(axis=-1)
+            quad = np.einsum("ki,kij,kj->k", diff, precs, diff)
+            if ct == "full":
+                return out + float(np.sum(-0.5 * (nu + d + 2) * logdet_cov - 0.5 * kappa * quad - 0.5 * np.einsum("ij,kji->k", np.asarray(scale), prec)))
+            return out + float(-0.5 * (nu + d + 1 + K) * logdet_cov - 0.5 * kappa * quad.sum() - 0.5 * np.trace(np.asarray(scale) @ prec))
+        if ct == "diag":
+            return out + float(np.sum(-0.5 * (nu + 3) * np.log(cov) - 0.5 * (kappa * diff**2 + np.asarray(scale)) / cov))
+        return out + float(np.sum(-0.5 * (nu + d + 2) * np.log(cov) - 0.5 * (kappa * (diff**2).sum(axis=1) + float(scale)) / cov))
+
+    def default_prior(self, n_components: int, sample: np.ndarray) -> dict:
+        """Fraley & Raftery's (2007) data-driven defaults, from a sample of rows.
+
+        Mean prior the sample mean, ``mean_precision_prior`` 0.01,
+        ``degrees_of_freedom_prior`` d + 2, and the scale the sample
+        covariance divided by K^(2/d) (its diagonal for diag, the mean
+        variance for spherical); weights get a symmetric Dirichlet with
+        concentration 2 (one pseudo-row per component).
+        """
+        d = sample.shape[1]
+        cov = np.atleast_2d(np.cov(sample, rowvar=False)) if len(sample) > 1 else np.eye(d)
+        cov = cov / n_components ** (2.0 / d)
+        scale = {"full": cov, "tied": cov, "diag": np.diag(cov).copy(), "spherical": float(np.trace(cov) / d)}[self.covariance_type]
+        return {
+            "weight_concentration": 2.0,
+            "mean_prior": sample.mean(axis=0),
+            "mean_precision_prior": 0.01,
+            "degrees_of_freedom_prior": float(d + 2),
+            "covariance_prior": scale,
+        }
+
+    def prior_keys(self) -> tuple[str, ...]:
+        return ("weight_concentration", "mean_prior", "mean_precision_prior", "degrees_of_freedom_prior", "covariance_prior")
 
     def init_params(self, stats: SuffStats, center: np.ndarray, n_samples: int) -> GaussianParams:
         """Initial parameters from initial responsibilities (scikit-learn's ``_initialize``).
@@ -496,7 +597,31 @@ class GaussianFamily:
         Weights are ``nk / n_samples``, not renormalised, as scikit-learn does.
         """
         params = self.m_step(stats, center)
-        return replace(params, weights=(stats["nk"] + _EPS10) / n_samples)
+        return replace(params, weights=self.m_step_weights(stats["nk"], initial=n_samples))
+
+    # ------------------------------------------------------ the protocol's rest
+    def make_params(self, **arrays: np.ndarray) -> GaussianParams:
+        return GaussianParams(**arrays)
+
+    def center(self, params: GaussianParams) -> np.ndarray:
+        return params.means
+
+    def param_dims(self, name: str) -> tuple[str, ...]:
+        if name in ("covariances", "precisions_cholesky"):
+            return {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_"),
+                    "diag": ("component", "feature"), "spherical": ("component",)}[self.covariance_type]  # fmt: skip
+        return ("component",) if name == "weights" else ("component", "feature")
+
+    def stat_dims(self, name: str) -> tuple[str, ...]:
+        if name == "s2":
+            return {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(self.covariance_type, ("component", "feature"))
+        return super().stat_dims(name)
+
+    def sample_component(self, params: GaussianParams, k: int, n: int, rng: np.random.RandomState) -> np.ndarray:
+        ct, mean = self.covariance_type, params.means[k]
+        if ct in ("full", "tied"):
+            return rng.multivariate_normal(mean, params.covariances[k] if ct == "full" else params.covariances, n)
+        return mean + rng.standard_normal(size=(n, len(mean))) * np.sqrt(params.covariances[k])
 
     # ------------------------------------------------------------ online EM
     def recentre(self, stats: SuffStats, old: np.ndarray, new: np.ndarray) -> SuffStats:
@@ -582,11 +707,16 @@ class GaussianFamily:
             return np.linalg.inv(prec_chol @ prec_chol.T)
         return 1.0 / prec_chol**2
 
+    def stats_floats(self, n_components: int, n_features: int) -> int:
+        K, d = n_components, n_features
+        s2 = {"full": K * d * d, "tied": d * d}.get(self.covariance_type, K * d)
+        return 2 + K + 2 * K * d + s2
+
     def n_parameters(self, n_components: int, n_features: int) -> int:
         """Number of free parameters (for BIC/AIC)."""
         K, d = n_components, n_features
         cov = {"full": K * d * (d + 1) / 2, "tied": d * (d + 1) / 2, "diag": K * d, "spherical": K}[self.covariance_type]
-        return int(cov + K * d + K - 1)
+        return int(cov + K * d + (0 if self.fixed_weights is not None else K - 1))
 
 
 class _Scratch:

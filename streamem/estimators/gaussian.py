@@ -1,0 +1,122 @@
+"""``GaussianMixture``: scikit-learn's estimator, fitted out of core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from streamem.backend import check_device
+from streamem.estimators.base import COMMON_ATTRIBUTES_DOC, COMMON_PARAMS_DOC, MixtureEstimator, _as_shape, _check_real
+from streamem.families.gaussian import COVARIANCE_TYPES, GaussianFamily, GaussianParams
+
+
+class GaussianMixture(MixtureEstimator):
+    __doc__ = f"""Gaussian mixture fitted by batch or online EM over the chunks of (possibly huge) data.
+
+    Same parameters, defaults and learned attributes as
+    :class:`sklearn.mixture.GaussianMixture`; the data may be a numpy array,
+    a dask array, a ``zarr.Array``, a path to a Zarr store, or an xarray
+    object. Each batch EM iteration is one pass over the chunks: every
+    chunk's E-step yields additive statistics and its log-likelihood, a
+    fixed-order tree sums them, and the M-step runs on the client. Online EM
+    (``algorithm="stepwise"`` or ``"incremental"``) makes an M-step after
+    every mini-batch of ``batch_size`` rows instead, and gets close to the
+    batch optimum in one to three passes over large data
+    (:mod:`streamem.online`); :meth:`partial_fit` folds in new rows.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        Number of mixture components.
+    covariance_type : {{"full", "tied", "diag", "spherical"}}, default="full"
+    reg_covar : float, default=1e-6
+        Added to the diagonal of covariances.
+    means_init, precisions_init : array-like, optional
+        User-given initial parameters (scikit-learn's shapes).
+    dtype : {{"float64", "float32"}}, default="float64"
+        Precision of the E-step arithmetic of full and tied models (diag
+        and spherical models always compute in float64, which measured
+        faster there). Statistics are accumulated in float64 either way,
+        centred at the component means.
+    device : {{"cpu", "cuda"}}, default="cpu"
+        ``"cuda"`` moves every chunk to the GPU (CuPy, extra ``gpu``) as it
+        is read and runs the E-step there; dask arrays of CuPy chunks run
+        on the GPU whatever this says. Statistics and the M-step stay on the
+        host (they are tiny).
+    {COMMON_PARAMS_DOC.strip()}
+        Gaussian hyperparameters (Normal-inverse-Wishart, Fraley & Raftery
+        2007): ``mean_prior``, ``mean_precision_prior``,
+        ``degrees_of_freedom_prior``, ``covariance_prior``.
+
+    Attributes
+    ----------
+    weights_, means_, covariances_, precisions_, precisions_cholesky_ : ndarray
+    {COMMON_ATTRIBUTES_DOC.strip()}
+    """
+
+    family_class = GaussianFamily
+    _init_arrays = {"means": "means_init"}
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-6,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        dtype: str = "float64",
+        device: str = "cpu",
+        **common: Any,
+    ):
+        super().__init__(n_components, **common)
+        self.covariance_type = covariance_type
+        self.reg_covar = reg_covar
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.dtype = dtype
+        self.device = device
+
+    def _family_settings(self) -> dict[str, Any]:
+        return {"covariance_type": self.covariance_type, "reg_covar": float(self.reg_covar), "dtype": self.dtype, "device": self.device}
+
+    def _set_derived(self, family: GaussianFamily) -> None:
+        self.precisions_ = family.precisions(self.precisions_cholesky_)
+
+    def _user_params(self, family: GaussianFamily, params: GaussianParams | None) -> GaussianParams | None:
+        prec_chol = None
+        if self.precisions_init is not None:
+            prec_chol = family.precision_cholesky_from_precisions(np.asarray(self.precisions_init, dtype=np.float64))
+        if params is None:
+            if any(v is None for v in (self.weights_init, self.means_init, self.precisions_init)):
+                return None
+            covariances = family.covariances_from_precision_cholesky(prec_chol)
+            return GaussianParams(np.asarray(self.weights_init, float), np.asarray(self.means_init, float), covariances, prec_chol)
+        params = super()._user_params(family, params)
+        if prec_chol is not None:  # as scikit-learn: the covariances stay those of the initial M-step
+            params.precisions_cholesky = prec_chol
+        return params
+
+    def _check_family_parameters(self) -> None:
+        _check_real("reg_covar", self.reg_covar, 0.0)
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}")
+        check_device(self.device)
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+
+    def _check_family_init(self, n_features: int) -> None:
+        K, d = self.n_components, n_features
+        if self.means_init is not None:
+            _as_shape("means_init", self.means_init, (K, d))
+        if self.precisions_init is not None:
+            ct = self.covariance_type
+            shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
+            p = _as_shape("precisions_init", self.precisions_init, shape)
+            if ct in ("full", "tied"):
+                for m in p.reshape(-1, d, d):
+                    if not np.allclose(m, m.T) or np.any(np.linalg.eigvalsh(m) <= 0.0):
+                        raise ValueError(f"precisions_init must be symmetric positive-definite for covariance_type={ct!r}")
+            elif np.any(p <= 0):
+                raise ValueError(f"precisions_init must be positive for covariance_type={ct!r}")

@@ -1,0 +1,274 @@
+"""Families of discrete data: Bernoulli (0/1), Binomial (counts out of n), Poisson (counts), Categorical (codes).
+
+Their log-likelihoods are linear in the data (in a one-hot coding of it, for
+categorical features), so a block's E-step is one matrix product; the
+statistics are the responsibilities summed per component (``nk``) and the
+responsibility-weighted sums of the data (``sx``, or category counts).
+
+Without a prior a probability or rate can come out exactly 0 (or a
+probability 1), e.g. for a feature that is always 0 within a component.
+The log-likelihood then counts log 0 as ``log(1e-300)`` (about -691): a row
+that contradicts such a component gets a tiny, finite likelihood under it,
+never NaN. With a prior (``prior="default"`` or conjugate hyperparameters)
+probabilities stay strictly inside (0, 1) and rates above 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import gammaln
+
+from streamem.families.base import EPS10, MixtureFamily, MixtureParams, check_integer_values, register_family
+from streamem.stats import SuffStats
+
+#: What log 0 counts as in the log-likelihoods (finite, so that nothing becomes NaN).
+LOG_FLOOR = 1e-300
+
+
+def _log(p: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(p, LOG_FLOOR))
+
+
+def _per_feature(value: Any, d: int, name: str) -> np.ndarray:
+    """An int or one int per feature, as an array of ``d`` values."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return np.full(d, int(arr))
+    if arr.shape != (d,):
+        raise ValueError(f"{name} must be an int or one per feature ({d}), got {arr.shape[0]} values")
+    return arr.astype(np.int64)
+
+
+def _smoothed_mean(sample: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Per-feature mean of ``sample / scale``, pulled half a row toward 1/2: strictly inside (0, 1)."""
+    return (sample.sum(axis=0) / scale + 0.5) / (len(sample) + 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class _CountFamily(MixtureFamily):
+    """Shared parts of the Bernoulli, Binomial and Poisson families: statistics ``nk`` and ``sx``."""
+
+    def component_stats(self, X: np.ndarray, resp: np.ndarray) -> dict[str, np.ndarray]:
+        return {"sx": resp.T @ X.astype(np.float64, copy=False)}
+
+    def n_component_parameters(self, n_features: int) -> int:
+        return n_features
+
+
+@register_family
+@dataclass(frozen=True, eq=False)
+class BinomialFamily(_CountFamily):
+    """Features that count successes out of ``n_trials`` (an int, or one per feature).
+
+    ``log p(x | k) = sum_j x_j log p_kj + (n_j - x_j) log(1 - p_kj) + log C(n_j, x_j)``.
+    Prior: ``alpha`` and ``beta`` (one per feature), a Beta(alpha, beta) on
+    every probability: ``p = (sx + alpha - 1) / (n nk + alpha + beta - 2)``.
+    """
+
+    name = "binomial"
+    param_names = ("probs",)
+    n_trials: Any = 1
+
+    def _trials(self, d: int) -> np.ndarray:
+        return _per_feature(self.n_trials, d, "n_trials").astype(np.float64)
+
+    def component_log_prob(self, X: np.ndarray, params: MixtureParams) -> np.ndarray:
+        X = X.astype(np.float64, copy=False)
+        n = self._trials(X.shape[1])
+        p = params.probs
+        log_p, log_q = _log(p), _log(1.0 - p)
+        out = X @ (log_p - log_q).T + (n * log_q).sum(axis=1)
+        if np.any(n > 1):  # the binomial coefficients: the same for every component
+            out += (gammaln(n + 1) - gammaln(X + 1) - gammaln(n - X + 1)).sum(axis=1)[:, None]
+        return out
+
+    def m_step_components(self, stats: SuffStats) -> dict[str, np.ndarray]:
+        nk, sx = stats["nk"] + EPS10, stats["sx"]
+        trials = nk[:, None] * self._trials(sx.shape[1])
+        if self.prior is None or "alpha" not in self.prior:
+            return {"probs": np.clip(sx / trials, 0.0, 1.0)}
+        a, b = np.asarray(self.prior["alpha"], float), np.asarray(self.prior["beta"], float)
+        return {"probs": (sx + a - 1.0) / (trials + a + b - 2.0)}
+
+    def stats_of_params(self, params: MixtureParams) -> SuffStats:
+        w = params.weights / params.weights.sum()
+        sx = w[:, None] * params.probs * self._trials(params.probs.shape[1])
+        return SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "sx": sx})
+
+    def log_prior(self, params: MixtureParams) -> float:
+        out = self._weights_log_prior(params.weights)
+        if self.prior is None or "alpha" not in self.prior:
+            return out
+        a, b = np.asarray(self.prior["alpha"], float), np.asarray(self.prior["beta"], float)
+        return out + float(((a - 1.0) * _log(params.probs) + (b - 1.0) * _log(1.0 - params.probs)).sum())
+
+    def default_prior(self, n_components: int, sample: np.ndarray) -> dict:
+        """One pseudo-row per component at the (smoothed) data mean: Beta(1 + m, 2 - m), and Dirichlet(2) on the weights."""
+        m = _smoothed_mean(sample, self._trials(sample.shape[1]))
+        return {"weight_concentration": 2.0, "alpha": 1.0 + m, "beta": 2.0 - m}
+
+    def prior_keys(self) -> tuple[str, ...]:
+        return ("weight_concentration", "alpha", "beta")
+
+    def check_data(self, X: np.ndarray, offset: int = 0) -> None:
+        check_integer_values(X, offset, "BinomialMixture", 0, self._trials(X.shape[1]),
+                             f"values must be integer counts between 0 and n_trials={self.n_trials!r}")  # fmt: skip
+
+    def sample_component(self, params: MixtureParams, k: int, n: int, rng: np.random.RandomState) -> np.ndarray:
+        trials = self._trials(params.probs.shape[1]).astype(np.int64)
+        return rng.binomial(trials, params.probs[k], size=(n, len(trials))).astype(np.float64)
+
+
+@register_family
+@dataclass(frozen=True, eq=False)
+class BernoulliFamily(BinomialFamily):
+    """0/1 features: the Binomial family with one trial.
+
+    Prior: ``alpha`` and ``beta``, a Beta on every probability.
+    """
+
+    name = "bernoulli"
+
+    def check_data(self, X: np.ndarray, offset: int = 0) -> None:
+        check_integer_values(X, offset, "BernoulliMixture", 0, 1, "values must be 0 or 1")
+
+
+@register_family
+@dataclass(frozen=True, eq=False)
+class PoissonFamily(_CountFamily):
+    """Non-negative integer counts: ``log p(x | k) = sum_j x_j log r_kj - r_kj - log x_j!``.
+
+    Prior: ``shape`` and ``rate`` (one per feature), a Gamma(shape, rate)
+    on every rate: ``r = (sx + shape - 1) / (nk + rate)``.
+    """
+
+    name = "poisson"
+    param_names = ("rates",)
+
+    def component_log_prob(self, X: np.ndarray, params: MixtureParams) -> np.ndarray:
+        X = X.astype(np.float64, copy=False)
+        r = params.rates
+        return X @ _log(r).T - r.sum(axis=1) - gammaln(X + 1).sum(axis=1)[:, None]
+
+    def m_step_components(self, stats: SuffStats) -> dict[str, np.ndarray]:
+        nk, sx = stats["nk"] + EPS10, stats["sx"]
+        if self.prior is None or "shape" not in self.prior:
+            return {"rates": sx / nk[:, None]}
+        shape, rate = np.asarray(self.prior["shape"], float), np.asarray(self.prior["rate"], float)
+        return {"rates": np.maximum(sx + shape - 1.0, 0.0) / (nk[:, None] + rate)}
+
+    def stats_of_params(self, params: MixtureParams) -> SuffStats:
+        w = params.weights / params.weights.sum()
+        return SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "sx": w[:, None] * params.rates})
+
+    def log_prior(self, params: MixtureParams) -> float:
+        out = self._weights_log_prior(params.weights)
+        if self.prior is None or "shape" not in self.prior:
+            return out
+        shape, rate = np.asarray(self.prior["shape"], float), np.asarray(self.prior["rate"], float)
+        return out + float(((shape - 1.0) * _log(params.rates) - rate * params.rates).sum())
+
+    def default_prior(self, n_components: int, sample: np.ndarray) -> dict:
+        """One pseudo-row per component at the data mean (plus half a count): Gamma(1 + mean, 1); Dirichlet(2) on the weights."""
+        m = (sample.sum(axis=0) + 0.5) / max(len(sample), 1)
+        return {"weight_concentration": 2.0, "shape": 1.0 + m, "rate": np.ones_like(m)}
+
+    def prior_keys(self) -> tuple[str, ...]:
+        return ("weight_concentration", "shape", "rate")
+
+    def check_data(self, X: np.ndarray, offset: int = 0) -> None:
+        check_integer_values(X, offset, "PoissonMixture", 0, np.inf, "values must be non-negative integer counts")
+
+    def sample_component(self, params: MixtureParams, k: int, n: int, rng: np.random.RandomState) -> np.ndarray:
+        return rng.poisson(params.rates[k], size=(n, params.rates.shape[1])).astype(np.float64)
+
+
+@register_family
+@dataclass(frozen=True, eq=False)
+class CategoricalFamily(MixtureFamily):
+    """Integer-coded features, feature ``j`` taking values ``0 .. n_categories_j - 1``.
+
+    ``probs`` has shape (K, d, C) with C the largest number of categories;
+    entries past a feature's own categories are 0. The E-step codes each
+    block one-hot (n, d * C) and makes one product with the log-probabilities.
+    Prior: ``concentration`` (d, C), a Dirichlet on every feature's
+    probabilities: ``p = (counts + a - 1) / (nk + sum_c (a_c - 1))``.
+    """
+
+    name = "categorical"
+    param_names = ("probs",)
+    n_categories: Any = 2
+
+    def _categories(self, d: int) -> np.ndarray:
+        return _per_feature(self.n_categories, d, "n_categories")
+
+    def _valid(self, d: int) -> np.ndarray:
+        """(d, C) mask of the categories each feature has."""
+        cats = self._categories(d)
+        return np.arange(cats.max())[None, :] < cats[:, None]
+
+    def _one_hot(self, X: np.ndarray) -> np.ndarray:
+        n, d = X.shape
+        C = int(self._categories(d).max())
+        out = np.zeros((n, d * C))
+        out[np.arange(n)[:, None], np.arange(d) * C + X.astype(np.int64)] = 1.0
+        return out
+
+    def component_log_prob(self, X: np.ndarray, params: MixtureParams) -> np.ndarray:
+        K = params.probs.shape[0]
+        return self._one_hot(X) @ _log(params.probs).reshape(K, -1).T
+
+    def component_stats(self, X: np.ndarray, resp: np.ndarray) -> dict[str, np.ndarray]:
+        K, (n, d) = resp.shape[1], X.shape
+        return {"counts": (resp.T @ self._one_hot(X)).reshape(K, d, -1)}
+
+    def m_step_components(self, stats: SuffStats) -> dict[str, np.ndarray]:
+        counts, nk = stats["counts"], stats["nk"] + EPS10
+        if self.prior is None or "concentration" not in self.prior:
+            return {"probs": counts / nk[:, None, None]}
+        extra = (np.asarray(self.prior["concentration"], float) - 1.0) * self._valid(counts.shape[1])
+        return {"probs": (counts + extra) / (nk[:, None, None] + extra.sum(axis=1)[None, :, None])}
+
+    def stats_of_params(self, params: MixtureParams) -> SuffStats:
+        w = params.weights / params.weights.sum()
+        return SuffStats({"n": np.float64(1.0), "loglik": np.float64(0.0), "nk": w, "counts": w[:, None, None] * params.probs})
+
+    def log_prior(self, params: MixtureParams) -> float:
+        out = self._weights_log_prior(params.weights)
+        if self.prior is None or "concentration" not in self.prior:
+            return out
+        extra = (np.asarray(self.prior["concentration"], float) - 1.0) * self._valid(params.probs.shape[1])
+        return out + float((extra * _log(params.probs)).sum())
+
+    def default_prior(self, n_components: int, sample: np.ndarray) -> dict:
+        """One pseudo-row per component spread as the (smoothed) category frequencies; Dirichlet(2) on the weights."""
+        d = sample.shape[1]
+        valid = self._valid(d)
+        freq = (self._one_hot(sample).sum(axis=0).reshape(d, -1) + 0.5) * valid
+        return {"weight_concentration": 2.0, "concentration": 1.0 + freq / freq.sum(axis=1, keepdims=True)}
+
+    def prior_keys(self) -> tuple[str, ...]:
+        return ("weight_concentration", "concentration")
+
+    def param_dims(self, name: str) -> tuple[str, ...]:
+        return ("component", "feature", "category") if name == "probs" else super().param_dims(name)
+
+    def stat_dims(self, name: str) -> tuple[str, ...]:
+        return ("component", "feature", "category") if name == "counts" else super().stat_dims(name)
+
+    def stats_floats(self, n_components: int, n_features: int) -> int:
+        return 2 + n_components * (1 + n_features * int(self._categories(n_features).max()))
+
+    def n_component_parameters(self, n_features: int) -> int:
+        return int((self._categories(n_features) - 1).sum())
+
+    def check_data(self, X: np.ndarray, offset: int = 0) -> None:
+        check_integer_values(X, offset, "CategoricalMixture", 0, self._categories(X.shape[1]) - 1,
+                             f"values must be integer category codes from 0 to n_categories - 1 (n_categories={self.n_categories!r})")  # fmt: skip
+
+    def sample_component(self, params: MixtureParams, k: int, n: int, rng: np.random.RandomState) -> np.ndarray:
+        probs = params.probs[k]
+        return np.stack([rng.choice(probs.shape[1], size=n, p=p / p.sum()) for p in probs], axis=1).astype(np.float64)
