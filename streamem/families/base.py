@@ -1,35 +1,50 @@
 """The family protocol: what a component distribution implements to get every algorithm.
 
-A family maps blocks of rows to additive statistics and statistics to
+A family maps numpy blocks of rows to additive statistics and statistics to
 parameters; it knows nothing about Dask, files or estimators. The estimator
-core (:mod:`streamem.estimators.base`), batch and online EM, checkpoints,
-model files and the command line work through these methods only, so a new
-distribution is a subclass of :class:`MixtureFamily` implementing:
+core (:mod:`streamem.estimators.base`), batch and online EM, the
+initialisations, predictions, checkpoints, model files, map-reduce and the
+command line work through these methods only. A new distribution is a frozen
+dataclass subclassing :class:`MixtureFamily` (its settings are fields: it is
+pickled to the workers, and :meth:`MixtureFamily.with_settings` copies it),
+decorated with :func:`register_family`, implementing (K components, d
+features, n rows):
 
 ``name``, ``param_names``
-    The family's name in model files and on the command line, and the names
-    of its parameter arrays besides ``weights`` (the estimator's learned
-    attributes are these names with a trailing ``_``).
-:meth:`component_log_prob`
+    The family's name in model files, checkpoints and on the command line,
+    and the names of its parameter arrays besides ``weights`` (the
+    estimator's learned attributes are these names with a trailing ``_``).
+:meth:`~MixtureFamily.component_log_prob`
     ``log p(x_i | component k)`` of a block, shape (n, K).
-:meth:`stats_from_resp`
-    Additive statistics of a block given responsibilities (n, K): a dict
-    of float64 arrays that must include ``nk`` (the responsibilities summed
-    per component).
-:meth:`m_step_components`
-    The component parameters from summed statistics (plus the log-prior's
-    pseudo-counts when there is a prior).
-:meth:`stats_of_params`
-    Statistics per row whose M-step gives the given parameters: online EM
-    starts from them.
-:meth:`n_component_parameters`, :meth:`param_dims`, :meth:`sample_component`
-    Free parameters per component (for BIC/AIC), the dimension names of each
-    parameter array in a model file, and draws from one component.
+:meth:`~MixtureFamily.component_stats`
+    The family's additive statistics of a block given responsibilities
+    (n, K), a dict of float64 arrays; :meth:`~MixtureFamily.stats_from_resp`
+    adds ``n``, ``loglik`` and ``nk`` (the responsibilities summed per
+    component).
+:meth:`~MixtureFamily.m_step_components`
+    The component parameters from summed statistics (the posterior mode,
+    with the prior's pseudo-counts, when there is a prior).
+:meth:`~MixtureFamily.stats_of_params`
+    One row's worth of statistics whose M-step gives the parameters back:
+    online EM starts from them.
+:meth:`~MixtureFamily.n_component_parameters`, :meth:`~MixtureFamily.sample_component`
+    Free parameters per component (BIC/AIC) and draws from one component.
 
-and optionally :meth:`check_data` (which values the family accepts),
-:meth:`log_prior` and :meth:`default_prior` (MAP estimation). The weights'
-M-step (maximum likelihood, a symmetric Dirichlet prior, or weights kept at
-their initial values) is shared by every family.
+and where the defaults do not fit: :meth:`~MixtureFamily.check_data` (the
+values the family accepts), :meth:`~MixtureFamily.log_prior`,
+:meth:`~MixtureFamily.default_prior` and :meth:`~MixtureFamily.prior_keys`
+(MAP estimation), :meth:`~MixtureFamily.param_dims` and
+:meth:`~MixtureFamily.stat_dims` (dimension names in model files and
+checkpoints), :meth:`~MixtureFamily.stats_floats` (incremental EM's memory
+check), and :meth:`~MixtureFamily.center` / :meth:`~MixtureFamily.recentre`
+for statistics accumulated centred at parameters of the E-step (Gaussian).
+
+Shared by every family: the E-step (log-weights plus
+``component_log_prob``, log-sum-exp, responsibilities), the statistics of a
+chunk, and the weights' M-step (maximum likelihood, a symmetric Dirichlet
+prior, or weights kept fixed with ``learn_weights=False``). docs/families.md
+describes what the core does with each method, and a complete example (an
+exponential mixture, about 50 lines with its estimator).
 """
 
 from __future__ import annotations
