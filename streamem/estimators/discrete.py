@@ -184,3 +184,17 @@ class CategoricalMixture(_ProbsMixture):
 
     def _probs_shape(self, n_features: int) -> tuple[int, ...]:
         return (self.n_components, n_features, int(np.max(self.n_categories)))
+
+    def _check_family_init(self, n_features: int) -> None:
+        """Besides shape and range: every feature's probabilities sum to 1 and are 0 past its own categories."""
+        super()._check_family_init(n_features)
+        if self.probs_init is None:
+            return
+        probs = np.asarray(self.probs_init, dtype=np.float64)
+        valid = self._family(fitted=False)._valid(n_features)
+        if np.any(probs[:, ~valid] != 0):
+            raise ValueError(f"probs_init must be 0 past a feature's own categories (n_categories={self.n_categories!r})")
+        sums = probs.sum(axis=-1)
+        if not np.allclose(sums, 1.0, rtol=0, atol=1e-8):
+            k, j = (int(i) for i in np.argwhere(~np.isclose(sums, 1.0, rtol=0, atol=1e-8))[0])
+            raise ValueError(f"probs_init[{k}, {j}] must sum to 1 over the categories, got {sums[k, j]:.10g}")

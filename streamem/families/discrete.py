@@ -5,11 +5,16 @@ categorical features), so a block's E-step is one matrix product; the
 statistics are the responsibilities summed per component (``nk``) and the
 responsibility-weighted sums of the data (``sx``, or category counts).
 
-Without a prior a probability or rate can come out exactly 0 (or a
-probability 1), e.g. for a feature that is always 0 within a component.
-The log-likelihood then counts log 0 as ``log(1e-300)`` (about -691): a row
-that contradicts such a component gets a tiny, finite likelihood under it,
-never NaN. With a prior (``prior="default"`` or conjugate hyperparameters)
+Without a prior a probability or rate can come out 0 (or a probability
+1), e.g. for a feature that is always 0 within a component: exactly 0 when
+no row of the data has that feature non-zero, else about 1e-300 (the other
+components' rows have responsibilities at the floor below under it). The
+log-likelihood counts log 0 as ``log(1e-300)`` (about -691): a row that
+contradicts such a component gets a tiny, finite likelihood under it, never
+NaN, and a row no component explains gets finite responsibilities. Such a
+0 cannot become non-zero again: a k-means start that leaves a category
+unseen in a cluster can trap maximum-likelihood EM (``n_init``, random
+starts from the data, or a prior avoid this). With a prior (``prior="default"`` or conjugate hyperparameters)
 probabilities stay strictly inside (0, 1) and rates above 0.
 """
 
@@ -222,7 +227,7 @@ class CategoricalFamily(MixtureFamily):
         return self._one_hot(X) @ _log(params.probs).reshape(K, -1).T
 
     def component_stats(self, X: np.ndarray, resp: np.ndarray) -> dict[str, np.ndarray]:
-        K, (n, d) = resp.shape[1], X.shape
+        K, d = resp.shape[1], X.shape[1]
         return {"counts": (resp.T @ self._one_hot(X)).reshape(K, d, -1)}
 
     def m_step_components(self, stats: SuffStats) -> dict[str, np.ndarray]:
