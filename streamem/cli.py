@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,34 +29,95 @@ class UsageError(Exception):
 # ------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Option:
-    """One ``fit`` setting: a command-line flag and a YAML key of the same name."""
+    """One ``fit`` setting: a command-line flag and a YAML key of the same name.
+
+    ``type`` is what a YAML value may be (a tuple: any of them); ``parse``
+    reads the flag's text when that is not simply ``type(text)``. An
+    ``estimator`` option is passed to the estimator of the chosen family,
+    and only an estimator that has a parameter of that name takes it.
+    """
 
     name: str
-    type: type
+    type: type | tuple[type, ...]
     help: str
     choices: tuple[str, ...] | None = None
-    estimator: bool = True  # passed to GaussianMixture(...)
+    estimator: bool = True  # passed to the family's estimator, e.g. PoissonMixture(...)
+    parse: Callable[[str], Any] | None = None
+    negatable: bool = False  # a bool flag with a --no- form (its default is True)
+
+
+def _family_estimators() -> dict[str, type]:
+    """The estimator class of every family, by family name (``--family``)."""
+    import streamem.estimators as estimators
+
+    classes = (getattr(estimators, name) for name in estimators.__all__)
+    return {cls.family_class.name: cls for cls in classes
+            if isinstance(cls, type) and issubclass(cls, estimators.MixtureEstimator) and cls.family_class.name}  # fmt: skip
+
+
+#: ``--family`` choices and their estimators (streamem.estimators: one class per registered family).
+FAMILY_ESTIMATORS = _family_estimators()
+DEFAULT_FAMILY = "gaussian"
+
+
+def _int_or_ints(text: str) -> int | list[int]:
+    """``"10"`` or ``"8,10,8"`` (one per feature) as an int or a list of ints."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected an int or comma-separated ints (one per feature), got {text!r}") from None
+    return values if "," in text else values[0]
+
+
+def _read_prior(value: str | dict) -> str | dict:
+    """``prior``: ``"default"``, a JSON/YAML file of hyperparameters, or (YAML) a mapping; lists become arrays."""
+    import yaml
+
+    if value == "default":
+        return value
+    if isinstance(value, str):
+        try:
+            with open(os.path.expanduser(value)) as fh:
+                value = yaml.safe_load(fh)  # YAML reads JSON too
+        except OSError as exc:
+            raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{value!r} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be 'default' or a mapping of hyperparameters, got {value!r}")
+    return {str(k): np.asarray(v, dtype=np.float64) if isinstance(v, list) else v for k, v in value.items()}
 
 
 MISSING_CHUNKS_HELP = ("a chunk file missing from a Zarr store: an error (raise, the default), "
                        "or read as the array's fill value (fill; stores sparse by design)")
 FIT_OPTIONS = (
+    Option("family", str, f"component distribution (default {DEFAULT_FAMILY})", tuple(sorted(FAMILY_ESTIMATORS)), estimator=False),
     Option("n_components", int, "number of mixture components (default 1)"),
-    Option("covariance_type", str, "covariance type (default full)", ("full", "tied", "diag", "spherical")),
+    Option("covariance_type", str, "gaussian: covariance type (default full)", ("full", "tied", "diag", "spherical")),
     Option("tol", float, "stop when the mean log-likelihood changes by less (default 1e-3)"),
-    Option("reg_covar", float, "added to covariance diagonals (default 1e-6)"),
+    Option("reg_covar", float, "gaussian: added to covariance diagonals (default 1e-6)"),
     Option("max_iter", int, "maximum EM iterations (default 100)"),
     Option("n_init", int, "number of initialisations, the best is kept (default 1)"),
     Option("init_params", str, "initialisation (default kmeans)", ("kmeans", "k-means++", "random", "random_from_data")),
     Option("weights_init", str, ".npy file of initial weights (K,)"),
-    Option("means_init", str, ".npy file of initial means (K, d)"),
-    Option("precisions_init", str, ".npy file of initial precisions"),
+    Option("means_init", str, "gaussian: .npy file of initial means (K, d)"),
+    Option("precisions_init", str, "gaussian: .npy file of initial precisions"),
+    Option("probs_init", str, "bernoulli, binomial: .npy file of initial probabilities (K, d); categorical: (K, d, C)"),
+    Option("rates_init", str, "poisson: .npy file of initial rates (K, d)"),
+    Option("n_trials", (int, list), "binomial: trials per feature: an int, or comma-separated ints one per feature (default 1)",
+           parse=_int_or_ints),
+    Option("n_categories", (int, list), "categorical: categories per feature (codes 0..n-1): an int, or comma-separated "
+           "ints one per feature (default 2)", parse=_int_or_ints),
+    Option("learn_weights", bool, "learn the mixing weights (default); --no-learn-weights keeps them at --weights-init "
+           "(equal weights without it)", negatable=True),
+    Option("prior", (str, dict), "MAP estimation: 'default' (the family's data-driven hyperparameters) or a JSON/YAML "
+           "file of hyperparameters (YAML config: also a mapping); default: maximum likelihood"),
     Option("random_state", int, "seed (default: none)"),
     Option("verbose_interval", int, "log every this many iterations (default 1 on the command line)"),
     Option("init_sample_size", int, "rows k-means sees at most (default 100000)"),
     Option("persist", str, "keep data in worker memory across iterations (default auto)", ("auto", "always", "never")),
-    Option("device", str, "where the E-step runs (default cpu; cuda needs CuPy)", ("cpu", "cuda")),
-    Option("dtype", str, "precision of the E-step arithmetic (default float64)", ("float64", "float32")),
+    Option("device", str, "gaussian: where the E-step runs (default cpu; cuda needs CuPy)", ("cpu", "cuda")),
+    Option("dtype", str, "gaussian: precision of the E-step arithmetic (default float64)", ("float64", "float32")),
     Option("algorithm", str, "batch EM, or online EM: stepwise or incremental (default batch)", ("batch", "stepwise", "incremental")),
     Option("batch_size", int, "rows per online mini-batch (default 2000)"),
     Option("step_decay", float, "stepwise steps (t + step_offset) ** -step_decay, in (0.5, 1] (default 0.7)"),
@@ -83,7 +144,7 @@ CLUSTER_OPTIONS = (
 )
 #: YAML keys allowed besides the options: a dask-jobqueue cluster section.
 EXTRA_KEYS = {"cluster": dict}
-_NPY_OPTIONS = ("weights_init", "means_init", "precisions_init")
+_NPY_OPTIONS = ("weights_init", "means_init", "precisions_init", "probs_init", "rates_init")
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -112,19 +173,31 @@ def load_config(path: str) -> dict[str, Any]:
         if option.type is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise UsageError(f"--config: key {key!r} must be of type {option.type.__name__}, got {value!r}")
+            raise UsageError(f"--config: key {key!r} must be of type {_type_name(option.type)}, got {value!r}")
         if option.choices and value not in option.choices:
             raise UsageError(f"--config: key {key!r} must be one of {list(option.choices)}, got {value!r}")
     return config
 
 
+def _type_name(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for o in options:
-        flag = "--" + o.name.replace("_", "-")
+        flag = _flag(o.name)
         if o.type is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=o.help)
+            action = argparse.BooleanOptionalAction if o.negatable else "store_true"
+            parser.add_argument(flag, action=action, default=None, help=o.help)
         else:
-            parser.add_argument(flag, type=o.type, choices=o.choices, default=None, help=o.help, metavar=None if o.choices else o.name.upper())
+            # A parsed flag is read in merged_settings (its error is then one line, as for a YAML value);
+            # a flag that may be of several types (a YAML prior: a name or a mapping) is text.
+            kind = str if o.parse or isinstance(o.type, tuple) else o.type
+            parser.add_argument(flag, type=kind, choices=o.choices, default=None, help=o.help, metavar=None if o.choices else o.name.upper())
 
 
 def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,9 +205,19 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_config(args.config) if getattr(args, "config", None) else {}
     for o in FIT_OPTIONS + CLUSTER_OPTIONS:
         value = getattr(args, o.name, None)
+        if value is not None and o.parse is not None:
+            try:
+                value = o.parse(value)
+            except ValueError as exc:
+                raise UsageError(f"{_flag(o.name)}: {exc}") from None
         if value is not None:
             settings[o.name] = value
     return settings
+
+
+def _origin(args: argparse.Namespace, name: str) -> str:
+    """Where a setting came from, as the error names it: its flag, or its key in --config."""
+    return _flag(name) if getattr(args, name, None) is not None else f"--config key {name!r}"
 
 
 # ------------------------------------------------------------------- cluster
@@ -394,22 +477,25 @@ def cmd_fit(args: argparse.Namespace) -> None:
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
+    old = streamem.load(settings["init_from"]) if settings.get("init_from") else None
+    cls = fit_estimator_class(args, settings, old)
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
     for name in _NPY_OPTIONS:
         if name in kwargs:
             kwargs[name] = _load_npy(name, kwargs[name])
-    old = None
-    if settings.get("init_from"):
-        old = streamem.load(settings["init_from"])
-        for name in ("n_components", "covariance_type", "reg_covar", "tol", "dtype"):
-            kwargs.setdefault(name, getattr(old, name))
-        if (kwargs["n_components"], kwargs["covariance_type"]) != (old.n_components, old.covariance_type):
-            raise UsageError("--init-from: the old model has other n_components or covariance_type than asked for")
-        kwargs.update(weights_init=old.weights_, means_init=old.means_, precisions_init=old.precisions_)
+    if "prior" in kwargs:
+        try:
+            kwargs["prior"] = _read_prior(kwargs["prior"])
+        except ValueError as exc:
+            raise UsageError(f"{_origin(args, 'prior')}: {exc}") from None
+    if old is not None:
+        kwargs.update(start_from(old, cls, kwargs))
     kwargs.setdefault("verbose_interval", 1)
+    model = cls(verbose=0 if args.quiet else 1, **kwargs)
+    model._check_parameters()  # a bad setting is refused before the cluster starts
     checkpoint = check_checkpoint(settings)  # last: it creates the directory
     with dask_client(settings, args.quiet) as client:
-        model = streamem.GaussianMixture(verbose=0 if args.quiet else 1, client=client, **kwargs)
+        model.set_params(client=client)
         tic = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if args.quiet else "default")
@@ -422,11 +508,78 @@ def cmd_fit(args: argparse.Namespace) -> None:
             )
         seconds = time.perf_counter() - tic
     model.client = None
-    if old is not None:
+    if old is not None and hasattr(old, "covariances_"):
+        # A safety net for Gaussians (matching compares Gaussians); any fit that starts from the old
+        # parameters keeps its labels unless components swap places during EM.
         model.permute_components(match_components(old, model))
     model.save(args.out, overwrite=bool(settings.get("overwrite")))
     _say(args.quiet, f"fitted in {seconds:.1f} s: {model.n_iter_} iterations, converged={model.converged_}, "
          f"mean log-likelihood {model.lower_bound_:.6f}; saved {args.out}")
+
+
+def _estimator_params(cls: type) -> set[str]:
+    return set(cls().get_params(deep=False))
+
+
+def fit_estimator_class(args: argparse.Namespace, settings: dict[str, Any], old: Any = None) -> type:
+    """The estimator class of the fit's family; refuses options that family does not have.
+
+    The family is ``--family`` (flag or YAML), else that of the ``--init-from``
+    model, else Gaussian.
+
+    Raises
+    ------
+    UsageError
+        A family other than the ``--init-from`` model's, or an option (e.g.
+        ``--covariance-type`` with ``--family poisson``) that the family's
+        estimator has no parameter for: naming the option, the family and
+        the families that take it.
+    """
+    old_family = None if old is None else old._family().name
+    family = settings.get("family", old_family or DEFAULT_FAMILY)
+    if old_family is not None and family != old_family:
+        raise UsageError(f"--init-from: {settings['init_from']!r} is a {old_family} mixture; it cannot start --family {family}")
+    if family not in FAMILY_ESTIMATORS:  # a YAML value is checked against the choices; this is the init-from model's
+        raise UsageError(f"--family: no estimator for family {family!r}; known: {sorted(FAMILY_ESTIMATORS)}")
+    cls = FAMILY_ESTIMATORS[family]
+    own = _estimator_params(cls)
+    for o in FIT_OPTIONS:
+        if o.estimator and o.name in settings and o.name not in own:
+            takers = [name for name, c in sorted(FAMILY_ESTIMATORS.items()) if o.name in _estimator_params(c)]
+            raise UsageError(f"{_origin(args, o.name)} does not apply to --family {family} (only to {', '.join(takers)})")
+    return cls
+
+
+def family_setting_names(cls: type) -> list[str]:
+    """An estimator's own settings: its parameters besides the common ones, ``n_components`` and the ``*_init`` arrays."""
+    from streamem.estimators.base import COMMON_PARAMS
+
+    return sorted(_estimator_params(cls) - set(COMMON_PARAMS) - set(_NPY_OPTIONS) - {"n_components"})
+
+
+def start_from(old: Any, cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Settings and initial parameters of a fit that starts from the saved model ``old`` (``--init-from``).
+
+    The old model's ``n_components``, ``tol`` and family settings (e.g.
+    ``covariance_type``, ``n_trials``, ``n_categories``; not ``device``) are
+    the defaults; its weights and parameter arrays become the ``*_init``
+    arrays (Gaussian: means and precisions).
+
+    Raises
+    ------
+    UsageError
+        ``n_components`` or ``covariance_type`` other than the old model's.
+    """
+    params = _estimator_params(cls)
+    family_settings = [name for name in family_setting_names(cls) if name != "device"]  # device: where this run computes
+    out = {name: kwargs.get(name, getattr(old, name)) for name in ("n_components", "tol", *family_settings)}
+    shaped = [name for name in ("n_components", "covariance_type") if name in out]
+    if any(out[name] != getattr(old, name) for name in shaped):
+        raise UsageError(f"--init-from: the old model has other {' or '.join(shaped)} than asked for")
+    for name in _NPY_OPTIONS:  # weights_init <- weights_, means_init <- means_, rates_init <- rates_, ...
+        if name in params:
+            out[name] = getattr(old, name.removesuffix("_init") + "_")
+    return out
 
 
 #: ``update`` settings: the online ones, the data's and the checkpoint's.
@@ -526,15 +679,20 @@ def cmd_info(args: argparse.Namespace) -> None:
     import streamem
 
     model = streamem.load(args.model)
+    family = model._family()
     np.set_printoptions(precision=4, suppress=True, linewidth=120)
     data = getattr(model, "fit_data_", {})
-    print(f"{type(model).__name__}: {model.n_components} components, covariance_type={model.covariance_type!r}, "
-          f"{model.n_features_in_} features")
+    own = "".join(f"{name}={getattr(model, name)!r}, " for name in family_setting_names(type(model)))
+    print(f"{type(model).__name__}: family {family.name}, {model.n_components} components, {own}{model.n_features_in_} features")
     print(f"fitted on: {data.get('source', '?')} shape {data.get('shape', '?')}")
     print(f"iterations: {model.n_iter_}, converged: {model.converged_}, mean log-likelihood: {model.lower_bound_:.10g}")
-    print("weights:", model.weights_)
-    print("means:")
-    print(model.means_)
+    prior = getattr(model, "prior_", None)
+    print("prior: none (maximum likelihood)" if prior is None else f"prior: MAP, hyperparameters {', '.join(sorted(prior))}")
+    arrays = family.param_arrays(model._params())
+    print(f"weights{'' if model.learn_weights else ' (fixed)'}:", arrays.pop("weights"))
+    for name, value in arrays.items():
+        print(f"{name} ({', '.join(family.param_dims(name))}):")
+        print(value)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -605,7 +763,7 @@ def _load_npy(name: str, path: str) -> np.ndarray:
 
 # -------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamem", description="Out-of-core EM for Gaussian mixtures on Dask + Zarr.")
+    parser = argparse.ArgumentParser(prog="streamem", description="Out-of-core EM for mixture models on Dask + Zarr.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -618,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", help="YAML file of settings (flags override it)")
         return p
 
-    p = command("fit", cmd_fit, "fit a Gaussian mixture to DATA and save it to --out", cluster=True)
+    p = command("fit", cmd_fit, "fit a mixture of --family components to DATA and save it to --out", cluster=True)
     p.add_argument("data", help="Zarr store (array, or group with --variable)")
     p.add_argument("--out", required=True, help="model store to write (Zarr)")
     _add_options(p.add_argument_group("model"), FIT_OPTIONS)
@@ -667,14 +825,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--overwrite", action="store_true")
 
-    p = command("plot", cmd_plot, "plot the convergence curve, and with --data a scatter with covariance ellipses")
+    p = command("plot", cmd_plot, "plot the convergence curve and the components: a scatter with covariance ellipses from --data (Gaussian), "
+                "or the probability / rate profiles (other families; --data adds the rows per component)")
     p.add_argument("model")
     p.add_argument("--out", required=True, help="PNG file")
     p.add_argument("--data")
     p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
     p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
     p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
-    p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="two feature indices (default: first two principal axes)")
+    p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="Gaussian: two feature indices (default: first two principal axes)")
     p.add_argument("--n-points", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     return parser
