@@ -24,6 +24,7 @@ import numpy as np
 from streamem import tree
 from streamem.cluster import is_client, persist_spread
 from streamem.data import InputData
+from streamem.families.base import DataError
 from streamem.stats import SuffStats
 
 logger = logging.getLogger("streamem")
@@ -40,12 +41,16 @@ class BlockResult:
     value: Any
     n_bad: int = 0
     bad_rows: tuple[int, int] | None = None
+    error: DataError | None = None
 
 
 def _run_block(fn: BlockFn, block: np.ndarray, payload: Any, offset: int, check_block: bool) -> BlockResult:
     # Non-finite data make the arithmetic warn; they are reported below instead.
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        value = fn(block, offset, payload)
+        try:
+            value = fn(block, offset, payload)
+        except DataError as exc:  # kept, so that the pass reports the lowest row's, not the first to finish
+            return BlockResult(None, error=exc)
     if not check_block and _all_finite(value):
         return BlockResult(value)
     bad = ~np.isfinite(block)
@@ -64,6 +69,9 @@ def _all_finite(value: Any) -> bool:
 
 
 def _combine(combine: Callable[[Any, Any], Any], *parts: BlockResult) -> BlockResult:
+    errors = [p.error for p in parts if p.error is not None]
+    if errors:
+        return BlockResult(None, error=min(errors, key=lambda e: e.row))
     value = parts[0].value
     for part in parts[1:]:
         value = combine(value, part.value)
@@ -280,6 +288,8 @@ class DataPasses:
         sizes = {task.key: stop - start for task, (start, stop) in zip(group_tasks, self.groups)}
         result = tree.root(tree.merge(node_combine, n_chunks, *self._compute(level, group_tasks, sizes)))
         self.n_passes += 1
+        if result.error is not None:
+            raise result.error
         if result.n_bad:
             lo, hi = result.bad_rows
             raise ValueError(

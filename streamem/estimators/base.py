@@ -844,7 +844,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
     def _check_prior(self) -> None:
         if self.prior is None or self.prior == "default":
             return
-        allowed = self.family_class.prior_keys(self.family_class)
+        allowed = self._family(fitted=False).prior_keys()
         if not isinstance(self.prior, dict):
             raise ValueError(f"prior must be None, 'default' or a dict of hyperparameters {allowed}, got {self.prior!r}")
         unknown = sorted(set(self.prior) - set(allowed))
@@ -870,6 +870,8 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
                 raise ValueError(f"weights_init must lie in [0, 1], got min {w.min()}, max {w.max()}")
             if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-8):
                 raise ValueError(f"weights_init must sum to 1, got {w.sum():.10g}")
+        if isinstance(self.prior, dict):
+            self._family(fitted=False).check_prior(self.prior, n_features)
         self._check_family_init(n_features)
 
     def _check_family_init(self, n_features: int) -> None:

@@ -263,7 +263,34 @@ class MixtureFamily:
 
     def prior_keys(self) -> tuple[str, ...]:
         """The hyperparameters ``prior=`` may hold."""
-        return ("weight_concentration",)
+        return tuple(self.prior_spec(1))
+
+    def prior_spec(self, n_features: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        """Each hyperparameter's shape and the least value it may take (inclusive)."""
+        return {"weight_concentration": ((), 1.0)}
+
+    def check_prior(self, prior: dict, n_features: int) -> None:
+        """Refuse hyperparameters of the wrong shape or outside their domain, naming the key."""
+        for key, (shape, low) in self.prior_spec(n_features).items():
+            if key not in prior:
+                continue
+            value = np.asarray(prior[key], dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"prior[{key!r}] must have shape {shape} for {n_features} features, got {value.shape}")
+            if not np.all(value >= low):
+                raise ValueError(f"prior[{key!r}] must be >= {low:g}, got min {value.min():g}")
+
+
+class DataError(ValueError):
+    """Data a family cannot model; ``row`` is the global row of the first offending value.
+
+    A data pass reports the error of the lowest row among its chunks, whatever
+    order the chunks ran in.
+    """
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message)
+        self.row = row
 
 
 def check_integer_values(X: np.ndarray, offset: int, family: str, low: float, high: Any, rule: str) -> None:
@@ -273,6 +300,4 @@ def check_integer_values(X: np.ndarray, offset: int, family: str, low: float, hi
         bad = ~((X >= low) & (X <= high) & (np.floor(X) == X))
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{family}: {rule}; got {X[row, col].item()!r} in row {offset + row}, feature {col}"
-        )
+        raise DataError(f"{family}: {rule}; got {X[row, col].item()!r} in row {offset + row}, feature {col}", offset + row)

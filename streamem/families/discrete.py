@@ -115,8 +115,8 @@ class BinomialFamily(_CountFamily):
         m = _smoothed_mean(sample, self._trials(sample.shape[1]))
         return {"weight_concentration": 2.0, "alpha": 1.0 + m, "beta": 2.0 - m}
 
-    def prior_keys(self) -> tuple[str, ...]:
-        return ("weight_concentration", "alpha", "beta")
+    def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {**super().prior_spec(d), "alpha": ((d,), 1.0), "beta": ((d,), 1.0)}
 
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         check_integer_values(X, offset, "BinomialMixture", 0, self._trials(X.shape[1]),
@@ -181,8 +181,8 @@ class PoissonFamily(_CountFamily):
         m = (sample.sum(axis=0) + 0.5) / max(len(sample), 1)
         return {"weight_concentration": 2.0, "shape": 1.0 + m, "rate": np.ones_like(m)}
 
-    def prior_keys(self) -> tuple[str, ...]:
-        return ("weight_concentration", "shape", "rate")
+    def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {**super().prior_spec(d), "shape": ((d,), 1.0), "rate": ((d,), 0.0)}
 
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         check_integer_values(X, offset, "PoissonMixture", 0, np.inf, "values must be non-negative integer counts")
@@ -255,8 +255,11 @@ class CategoricalFamily(MixtureFamily):
         freq = (self._one_hot(sample).sum(axis=0).reshape(d, -1) + 0.5) * valid
         return {"weight_concentration": 2.0, "concentration": 1.0 + freq / freq.sum(axis=1, keepdims=True)}
 
+    def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {**super().prior_spec(d), "concentration": ((d, int(self._categories(d).max())), 1.0)}
+
     def prior_keys(self) -> tuple[str, ...]:
-        return ("weight_concentration", "concentration")
+        return ("weight_concentration", "concentration")  # without the shapes, which need n_features
 
     def param_dims(self, name: str) -> tuple[str, ...]:
         return ("component", "feature", "category") if name == "probs" else super().param_dims(name)

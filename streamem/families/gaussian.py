@@ -588,8 +588,20 @@ class GaussianFamily(MixtureFamily):
             "covariance_prior": scale,
         }
 
-    def prior_keys(self) -> tuple[str, ...]:
-        return ("weight_concentration", "mean_prior", "mean_precision_prior", "degrees_of_freedom_prior", "covariance_prior")
+    def prior_spec(self, n_features: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        d = n_features
+        scale_shape = {"full": (d, d), "tied": (d, d), "diag": (d,), "spherical": ()}[self.covariance_type]
+        # nu may be improper (below d - 1): only the M-step's denominators need to stay positive, which
+        # the data's counts see to; the scale must be positive definite.
+        return {**super().prior_spec(d), "mean_prior": ((d,), -np.inf), "mean_precision_prior": ((), 0.0),
+                "degrees_of_freedom_prior": ((), -np.inf), "covariance_prior": (scale_shape, -np.inf)}  # fmt: skip
+
+    def check_prior(self, prior: dict, n_features: int) -> None:
+        super().check_prior(prior, n_features)
+        scale = np.asarray(prior["covariance_prior"], dtype=np.float64)
+        positive = np.all(np.linalg.eigvalsh(scale) > 0) if scale.ndim == 2 else np.all(scale > 0)
+        if not positive:
+            raise ValueError(f"prior['covariance_prior'] must be positive definite (positive for {self.covariance_type!r}), got {scale.tolist()}")
 
     def init_params(self, stats: SuffStats, center: np.ndarray, n_samples: int) -> GaussianParams:
         """Initial parameters from initial responsibilities (scikit-learn's ``_initialize``).
