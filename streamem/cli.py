@@ -508,9 +508,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             )
         seconds = time.perf_counter() - tic
     model.client = None
-    if old is not None and hasattr(old, "covariances_"):
-        # A safety net for Gaussians (matching compares Gaussians); any fit that starts from the old
-        # parameters keeps its labels unless components swap places during EM.
+    if old is not None:  # components that swapped places during EM get their old labels back
         model.permute_components(match_components(old, model))
     model.save(args.out, overwrite=bool(settings.get("overwrite")))
     _say(args.quiet, f"fitted in {seconds:.1f} s: {model.n_iter_} iterations, converged={model.converged_}, "

@@ -134,11 +134,9 @@ def gaussian_panels(model: Any, data: Any, features: tuple[int, int] | None, n_p
 def _scatter(model: Any, sample: np.ndarray, features: tuple[int, int] | None, ax: Any) -> None:
     from matplotlib.patches import Ellipse
 
-    from streamem.matching import full_covariances
-
     d = model.n_features_in_
     labels = model.predict(sample)
-    covs = full_covariances(model.covariances_, model.covariance_type, *model.means_.shape)
+    covs = model._family().full_covariances(model.covariances_, *model.means_.shape)
     if features is None:
         centred = sample - sample.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)

@@ -557,3 +557,34 @@ def test_bic_aic_count_free_parameters(name, learn_weights, small_sets):
     total = logsumexp(spec.log_prob(X, learned(model, spec)) + np.log(model.weights_), axis=1).sum()
     assert_allclose(model.bic(X), -2 * total + n_params * np.log(n), rtol=1e-12)
     assert_allclose(model.aic(X), -2 * total + 2 * n_params, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "binomial", "poisson", "categorical"])
+def test_matching_finds_components_that_swapped_places(name):
+    """streamem fit --init-from relabels a re-fit by the family's divergence: a permuted copy is matched back."""
+    import copy
+
+    from streamem.matching import match_components
+
+    rng = np.random.default_rng(4)
+    K, d = 3, 4
+    if name == "categorical":
+        probs = rng.dirichlet(np.ones(3), size=(K, d))
+        params = {"probs_init": probs}
+        estimator = streamem.CategoricalMixture(K, n_categories=3, **params)
+        X = np.stack([rng.choice(3, 200, p=probs[0, j]) for j in range(d)], axis=1).astype(float)
+    elif name == "poisson":
+        estimator = streamem.PoissonMixture(K, rates_init=rng.uniform(0.5, 8, (K, d)))
+        X = rng.poisson(3.0, (200, d)).astype(float)
+    else:
+        trials = 1 if name == "bernoulli" else 7
+        cls = streamem.BernoulliMixture if name == "bernoulli" else streamem.BinomialMixture
+        extra = {} if name == "bernoulli" else {"n_trials": trials}
+        estimator = cls(K, probs_init=rng.uniform(0.1, 0.9, (K, d)), **extra)
+        X = rng.binomial(trials, 0.4, (200, d)).astype(float)
+    model = estimator.set_params(weights_init=np.full(K, 1 / K), max_iter=0).fit(X)
+    permuted = copy.deepcopy(model).permute_components([2, 0, 1])
+    order = match_components(model, permuted)
+    np.testing.assert_array_equal(order, [1, 2, 0])
+    restored = permuted.permute_components(order)
+    np.testing.assert_array_equal(restored.weights_, model.weights_)

@@ -145,6 +145,13 @@ class MixtureFamily:
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         """Refuse values the family cannot model (ValueError naming the rule, the value and its row)."""
 
+    def divergence(self, a: Any, b: Any) -> np.ndarray:
+        """Symmetrised Kullback-Leibler divergence between the components of ``a`` and of ``b``, shape (K_a, K_b).
+
+        Used to keep component labels across re-fits (:mod:`streamem.matching`).
+        """
+        raise NotImplementedError(f"the {self.name!r} family does not define a divergence between components")
+
     def log_prior(self, params: MixtureParams) -> float:
         """Log-density of the prior at ``params`` (up to a constant); 0 without a prior."""
         return self._weights_log_prior(params.weights)

@@ -52,6 +52,14 @@ def _smoothed_mean(sample: np.ndarray, scale: np.ndarray | float = 1.0) -> np.nd
     return (sample.sum(axis=0) / scale + 0.5) / (len(sample) + 1.0)
 
 
+def exp_family_divergence(mean_a: np.ndarray, nat_a: np.ndarray, mean_b: np.ndarray, nat_b: np.ndarray) -> np.ndarray:
+    """Symmetrised KL divergence of products of exponential-family features: sum (mean_a - mean_b)(natural_a - natural_b)."""
+    K_a, K_b = len(mean_a), len(mean_b)
+    ma, na = mean_a.reshape(K_a, -1), nat_a.reshape(K_a, -1)
+    mb, nb = mean_b.reshape(K_b, -1), nat_b.reshape(K_b, -1)
+    return ((ma[:, None] - mb[None]) * (na[:, None] - nb[None])).sum(axis=2)
+
+
 @dataclass(frozen=True, eq=False)
 class _CountFamily(MixtureFamily):
     """Shared parts of the Bernoulli, Binomial and Poisson families: statistics ``nk`` and ``sx``."""
@@ -118,6 +126,10 @@ class BinomialFamily(_CountFamily):
     def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
         return {**super().prior_spec(d), "alpha": ((d,), 1.0), "beta": ((d,), 1.0)}
 
+    def divergence(self, a: MixtureParams, b: MixtureParams) -> np.ndarray:
+        n = self._trials(a.probs.shape[1])
+        return exp_family_divergence(n * a.probs, _log(a.probs) - _log(1 - a.probs), n * b.probs, _log(b.probs) - _log(1 - b.probs))
+
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         check_integer_values(X, offset, "BinomialMixture", 0, self._trials(X.shape[1]),
                              f"values must be integer counts between 0 and n_trials={self.n_trials!r}")  # fmt: skip
@@ -183,6 +195,9 @@ class PoissonFamily(_CountFamily):
 
     def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
         return {**super().prior_spec(d), "shape": ((d,), 1.0), "rate": ((d,), 0.0)}
+
+    def divergence(self, a: MixtureParams, b: MixtureParams) -> np.ndarray:
+        return exp_family_divergence(a.rates, _log(a.rates), b.rates, _log(b.rates))
 
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         check_integer_values(X, offset, "PoissonMixture", 0, np.inf, "values must be non-negative integer counts")
@@ -272,6 +287,9 @@ class CategoricalFamily(MixtureFamily):
 
     def n_component_parameters(self, n_features: int) -> int:
         return int((self._categories(n_features) - 1).sum())
+
+    def divergence(self, a: MixtureParams, b: MixtureParams) -> np.ndarray:
+        return exp_family_divergence(a.probs, _log(a.probs), b.probs, _log(b.probs))
 
     def check_data(self, X: np.ndarray, offset: int = 0) -> None:
         check_integer_values(X, offset, "CategoricalMixture", 0, self._categories(X.shape[1]) - 1,

@@ -629,6 +629,27 @@ class GaussianFamily(MixtureFamily):
             return {"full": ("component", "feature", "feature_"), "tied": ("feature", "feature_")}.get(self.covariance_type, ("component", "feature"))
         return super().stat_dims(name)
 
+    def divergence(self, a: GaussianParams, b: GaussianParams) -> np.ndarray:
+        """Symmetrised Kullback-Leibler divergence between every pair of components, shape (K_a, K_b)."""
+        K, d = a.means.shape
+        cov_a, cov_b = (self.full_covariances(p.covariances, len(p.means), d) for p in (a, b))
+        inv_a, inv_b = np.linalg.inv(cov_a), np.linalg.inv(cov_b)
+        diff = a.means[:, None] - b.means[None]
+        trace = np.einsum("jmn,inm->ij", inv_b, cov_a) + np.einsum("imn,jnm->ij", inv_a, cov_b)
+        maha = np.einsum("ijm,imn,ijn->ij", diff, inv_a, diff) + np.einsum("ijm,jmn,ijn->ij", diff, inv_b, diff)
+        return 0.5 * (trace + maha) - d
+
+    def full_covariances(self, covariances: np.ndarray, K: int, d: int) -> np.ndarray:
+        """Covariances of any type as (K, d, d) matrices."""
+        ct = self.covariance_type
+        if ct == "full":
+            return covariances
+        if ct == "tied":
+            return np.repeat(covariances[None], K, axis=0)
+        if ct == "diag":
+            return np.einsum("kd,de->kde", covariances, np.eye(d))
+        return covariances[:, None, None] * np.eye(d)
+
     def sample_component(self, params: GaussianParams, k: int, n: int, rng: np.random.RandomState) -> np.ndarray:
         ct, mean = self.covariance_type, params.means[k]
         if ct in ("full", "tied"):
