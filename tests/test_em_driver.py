@@ -38,6 +38,16 @@ class _ScriptedFamily:
     def m_step(self, stats: SuffStats, center: np.ndarray) -> _Step:
         return _Step(self._index + 1, center)
 
+    # The rest of the family protocol the driver uses (streamem.families.base.MixtureFamily).
+    def check_data(self, X: np.ndarray, offset: int) -> None:
+        pass
+
+    def log_prior(self, params: _Step) -> float:
+        return 0.0
+
+    def center(self, params: _Step) -> np.ndarray:
+        return params.means
+
     def run(self, passes: DataPasses, tol: float, max_iter: int) -> EMRun:
         run = EMRun(_Step(0, np.zeros((1, 1))))
         self._index = 0
