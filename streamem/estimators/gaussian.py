@@ -120,3 +120,128 @@ class GaussianMixture(MixtureEstimator):
                         raise ValueError(f"precisions_init must be symmetric positive-definite for covariance_type={ct!r}")
             elif np.any(p <= 0):
                 raise ValueError(f"precisions_init must be positive for covariance_type={ct!r}")
+
+    # ------------------------------------------------------- scikit-learn
+    def to_sklearn(self) -> Any:
+        """This fitted model as a fitted :class:`sklearn.mixture.GaussianMixture`.
+
+        Every tool built on scikit-learn can then use a model fitted out of
+        core: its ``predict``, ``predict_proba``, ``score_samples``,
+        ``sample``, ``bic`` and ``aic`` give what this model's give. The
+        parameters both classes have are copied (``n_components``,
+        ``covariance_type``, ``tol``, ``reg_covar``, ``max_iter``,
+        ``n_init``, ``init_params``, ``weights_init``, ``means_init``,
+        ``precisions_init``, ``random_state``, ``warm_start``, ``verbose``,
+        ``verbose_interval``), as are the learned attributes
+        (``weights_``, ``means_``, ``covariances_``, ``precisions_``,
+        ``precisions_cholesky_``, ``converged_``, ``n_iter_``,
+        ``lower_bound_``, ``lower_bounds_`` where scikit-learn has it (1.7
+        and later), ``n_features_in_`` and ``feature_names_in_`` when
+        present). Settings scikit-learn lacks (``algorithm``, ``prior``,
+        ``learn_weights``, ``client``, ``dtype``, ``device``, ...) are not
+        carried: a re-fit of the returned estimator is scikit-learn's
+        maximum-likelihood batch EM in memory.
+
+        Returns
+        -------
+        sklearn.mixture.GaussianMixture
+            A new, fitted estimator; its arrays are copies.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            This model is not fitted.
+        """
+        import copy
+
+        import sklearn
+        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+        from sklearn.utils.fixes import parse_version
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self)
+        shared = SkGaussianMixture().get_params(deep=False).keys() & self.get_params(deep=False).keys()
+        # Copies: the two estimators must not share arrays or a RandomState whose draws would interleave.
+        est = SkGaussianMixture(**copy.deepcopy({name: getattr(self, name) for name in shared}))
+        for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+            setattr(est, name, np.array(getattr(self, name), dtype=np.float64))
+        est.converged_ = bool(self.converged_)
+        est.n_iter_ = int(self.n_iter_)
+        est.lower_bound_ = float(self.lower_bound_)
+        if parse_version(sklearn.__version__).release >= (1, 7):  # lower_bounds_ came with scikit-learn 1.7
+            est.lower_bounds_ = [float(v) for v in self.lower_bounds_]
+        est.n_features_in_ = int(self.n_features_in_)
+        if hasattr(self, "feature_names_in_"):
+            est.feature_names_in_ = np.array(self.feature_names_in_, dtype=object)
+        return est
+
+    @classmethod
+    def from_sklearn(cls, est: Any, *, n_samples: int | None = None) -> "GaussianMixture":
+        """A fitted streamem model from a fitted :class:`sklearn.mixture.GaussianMixture`.
+
+        The reverse of :meth:`to_sklearn`: the parameters both classes have
+        and the learned parameters are copied (the precision Cholesky
+        factors as they are, so predictions and scores equal
+        scikit-learn's). The result predicts, scores, saves and loads like
+        a model fitted here, and :meth:`update` and :meth:`partial_fit`
+        continue from it by stepwise EM. It has no online statistics of
+        its own: online EM starts from the statistics its parameters imply
+        (as for a model saved before online EM existed).
+
+        Parameters
+        ----------
+        est : sklearn.mixture.GaussianMixture
+            A fitted estimator (not a ``BayesianGaussianMixture``).
+        n_samples : int, optional
+            Rows ``est`` was fitted on, which scikit-learn does not record;
+            it becomes ``n_rows_seen_``, so that :meth:`update` weighs the
+            model as that many rows in its running average. Without it
+            the model counts as having seen no rows, and the first
+            mini-batch of an update gets step ``1 / step_offset`` (one
+            half by default).
+
+        Returns
+        -------
+        GaussianMixture
+            Settings scikit-learn lacks take their defaults.
+
+        Raises
+        ------
+        TypeError
+            ``est`` is not a scikit-learn ``GaussianMixture``.
+        ValueError
+            ``est`` is not fitted, or ``n_samples`` is not a non-negative integer.
+        """
+        import copy
+        from numbers import Integral
+
+        from sklearn.exceptions import NotFittedError
+        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+        from sklearn.utils.validation import check_is_fitted
+
+        if not isinstance(est, SkGaussianMixture):
+            raise TypeError(f"est must be a fitted sklearn.mixture.GaussianMixture, got {type(est).__name__}")
+        try:
+            check_is_fitted(est)
+        except NotFittedError:
+            raise ValueError("est is an unfitted sklearn.mixture.GaussianMixture; fit it before converting it") from None
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, Integral) or n_samples < 0):
+            raise ValueError(f"n_samples must be None or an integer >= 0, got {n_samples!r}")
+        shared = est.get_params(deep=False).keys() & cls().get_params(deep=False).keys()
+        model = cls(**copy.deepcopy({name: getattr(est, name) for name in shared}))
+        family = model._family(fitted=False)
+        arrays = {name: np.array(getattr(est, f"{name}_"), dtype=np.float64) for name in ("weights", *family.param_names)}
+        model._set_params(family, family.make_params(**arrays))
+        model.converged_ = bool(est.converged_)
+        model.n_iter_ = int(est.n_iter_)
+        model.lower_bound_ = float(est.lower_bound_)
+        model.lower_bounds_ = [float(v) for v in getattr(est, "lower_bounds_", [est.lower_bound_])]
+        model.n_features_in_ = int(est.n_features_in_)
+        if hasattr(est, "feature_names_in_"):
+            model.feature_names_in_ = np.array(est.feature_names_in_, dtype=object)
+        model.feature_coord_ = None
+        model.fit_data_ = {"source": "sklearn.mixture.GaussianMixture"}
+        model.n_data_passes_ = 0
+        model.tasks_per_pass_ = 0
+        model.n_rows_seen_ = 0 if n_samples is None else int(n_samples)
+        return model
