@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Rows for `make demo` (16 float64 features): 8,388,608 rows = 1 GiB.
 N ?= 8388608
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/python scripts/demo.py --n-samples $(N)
 
@@ -27,6 +31,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench/bench_vs_sklearn.py
+
+# The documentation site, warnings as errors: docs/_build/html/index.html.
+docs: $(VENV)/.installed-docs
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf data .pytest_cache .hypothesis
