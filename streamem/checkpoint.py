@@ -128,7 +128,7 @@ def fit_settings(model: Any) -> dict[str, Any]:
     family = model._family(fitted=False)
     if family.name != "gaussian":
         settings["family"] = family.name
-        settings.update({name: _setting(name, value) for name, value in model._family_settings().items()})
+        settings.update({name: _jsonable(name, value) for name, value in model._family_settings().items()})
     if not model.learn_weights:
         settings["learn_weights"] = False
     if model.prior is not None:

@@ -83,29 +83,37 @@ def _concat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b])
 
 
-def _rows_at(block: np.ndarray, offset: int, index: np.ndarray | None) -> np.ndarray:
-    """The rows of ``block`` whose global indices are in ``index`` (all if None), on the host."""
+def _rows_at(block: np.ndarray, offset: int, payload: tuple[np.ndarray | None, Callable | None]) -> np.ndarray:
+    """The rows of ``block`` whose global indices are in ``index`` (all if None), on the host.
+
+    ``check(block, offset)``, when given, sees the whole chunk first: a
+    family's data errors name the row where they are, sampled or not.
+    """
+    index, check = payload
+    if check is not None:
+        check(to_numpy(block), offset)
     if index is None:
         return to_numpy(block).astype(np.float64, copy=False)
     lo, hi = np.searchsorted(index, [offset, offset + len(block)])
     return to_numpy(block[index[lo:hi] - offset]).astype(np.float64, copy=False)
 
 
-def draw_sample(passes: DataPasses, size: int, rng: np.random.RandomState) -> np.ndarray:
+def draw_sample(passes: DataPasses, size: int, rng: np.random.RandomState, check: Callable | None = None) -> np.ndarray:
     """A uniform random sample of ``size`` rows (all rows if there are fewer), in row order.
 
     The rows are those of :func:`sample_index`, sorted; ``rng`` is not used
     when all rows are taken. Every chunk is read, and its non-finite values
-    are reported.
+    are reported; ``check(chunk, first_row)`` (a family's ``check_data``)
+    sees every chunk too.
     """
     n = passes.data.n_samples
     index = None if n <= size else np.sort(sample_index(n, size, rng))
-    return passes.run(_rows_at, index, _concat, check_block=True)
+    return passes.run(_rows_at, (index, check), _concat, check_block=True)
 
 
-def _gather_rows(passes: DataPasses, index: np.ndarray) -> np.ndarray:
+def _gather_rows(passes: DataPasses, index: np.ndarray, check: Callable | None = None) -> np.ndarray:
     order = np.argsort(index)
-    rows = passes.run(_rows_at, index[order], _concat)
+    rows = passes.run(_rows_at, (index[order], check), _concat)
     out = np.empty_like(rows)
     out[order] = rows
     return out
@@ -232,14 +240,14 @@ def initial_params(
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        sample = draw_sample(passes, sample_size, rng)
+        sample = draw_sample(passes, sample_size, rng, family.check_data)
         family = family_of_sample(sample)
         centers = [KMeans(n_clusters=n_components, n_init=1, random_state=rng).fit(sample).cluster_centers_ for _ in range(n_runs)]
         stats = passes.run(_hard_assign_stats, (family, centers), add_elementwise)
         return [family.init_params(st, c, n) for st, c in zip(stats, centers)]
     if method == "random":
         keys = [int(rng.randint(np.iinfo(np.int64).max, dtype=np.int64)) for _ in range(n_runs)]
-        sample = draw_sample(passes, min(sample_size, 1000), rng)
+        sample = draw_sample(passes, min(sample_size, 1000), rng, family.check_data)
         family = family_of_sample(sample)
         center = np.repeat(sample.mean(axis=0, keepdims=True), n_components, axis=0)
         stats = passes.run(_random_resp_stats, (family, keys, center), add_elementwise)
@@ -247,7 +255,7 @@ def initial_params(
     if method == "k-means++":
         from sklearn.cluster import kmeans_plusplus
 
-        sample = draw_sample(passes, sample_size, rng)
+        sample = draw_sample(passes, sample_size, rng, family.check_data)
         family = family_of_sample(sample)
         # Centred, as scikit-learn's KMeans does before its own k-means++:
         # the squared distances of raw data far from the origin cancel.
@@ -255,7 +263,7 @@ def initial_params(
         points = [sample[kmeans_plusplus(centred, n_components, random_state=rng)[1]] for _ in range(n_runs)]
     else:  # random_from_data
         index = np.concatenate([sample_index(n, n_components, rng) for _ in range(n_runs)])
-        points = np.split(_gather_rows(passes, index), n_runs)
+        points = np.split(_gather_rows(passes, index, family.check_data), n_runs)
     # One row per component, centred at itself: counts 1, zero scatter.
     eye = np.eye(n_components)
     return [family.init_params(family.stats_from_resp(p, eye, p), p, n) for p in points]

@@ -493,6 +493,10 @@ def load_model(path: str | os.PathLike) -> Any:
         cls = estimator_class(ds.attrs.get("model_class"))
     except ValueError as exc:
         raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
+    family_name = ds.attrs.get("family", "gaussian")  # files before other families were Gaussian
+    if family_name != cls.family_class.name:
+        raise ValueError(f"{os.fspath(path)!r} names family {family_name!r} but model class {cls.__name__} "
+                         f"(family {cls.family_class.name!r}): the file is not consistent")  # fmt: skip
     try:
         model = cls(**json.loads(ds.attrs["params"]))
         if ds.attrs.get("init_weights") is not None:  # learn_weights=False keeps them

@@ -65,6 +65,10 @@ class OnlineSettings:
     shuffle : bool
         Visit chunks in an order shuffled per pass and, for stepwise, the
         rows of a chunk in a shuffled order; otherwise storage order.
+    rows : float
+        How many rows stepwise EM's running averages stand for: with a
+        prior, the M-step weighs the averages by it against the prior's
+        pseudo-counts, as batch EM weighs its sums.
     """
 
     algorithm: str = "stepwise"
@@ -73,6 +77,7 @@ class OnlineSettings:
     step_offset: float = 2.0
     step_size: float | None = None
     shuffle: bool = True
+    rows: float = 1.0
 
     def weight(self, t: float, n_rows: float) -> float:
         """Stepwise weight of a mini-batch of ``n_rows`` rows at step ``t``.
@@ -210,7 +215,9 @@ def _update(
         total = family.recentre(run.stats, run.center, centre) + batch - family.recentre(old[0], old[1], centre)
         run.stats = total
     run.center = centre
-    run.params = family.m_step(run.stats, centre)
+    # Stepwise statistics are averages per row: a prior's pseudo-counts weigh against all the rows they stand for.
+    scaled = settings.algorithm == "stepwise" and getattr(family, "prior", None) is not None
+    run.params = family.m_step(run.stats * settings.rows if scaled else run.stats, centre)
     run.n_steps += batch.n / settings.batch_size
     return batch, centre
 

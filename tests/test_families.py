@@ -384,9 +384,9 @@ def test_bad_data_names_family_rule_value_and_row(name, value, family, rule, sma
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_nan_is_a_value_error_naming_its_row(name, small_sets, tmp_path):
-    """NaN: with k-means init the driver's non-finite check (count and rows), with given inits the family's check."""
+    """NaN is data the family cannot model: its check names the first one, in the k-means sample pass or in EM."""
     path = _bad_store(tmp_path, name, {BAD_ROW: (1, np.nan), 1500: (0, np.nan)}, small_sets)
-    with pytest.raises(ValueError, match=rf"non-finite values \(NaN or inf\) in rows {BAD_ROW} to 1500"):
+    with pytest.raises(ValueError, match=rf"{SPECS[name].cls.__name__}: .*got nan in row {BAD_ROW}, feature 1"):
         fit(_bad_model(name), path)
     spec = SPECS[name]
     first_two = spec.init_params[:, :2, :3] if name == "categorical" else spec.init_params[:, :2]
@@ -429,8 +429,8 @@ def test_bad_data_in_predict_is_named_too(small_sets, tmp_path):
 
 
 @pytest.mark.parametrize("make, argument", [
-    (lambda: streamem.BinomialMixture(2, n_trials=0), "n_trials must be >= 1, got 0"),
-    (lambda: streamem.BinomialMixture(2, n_trials=[10, 0, 10]), r"n_trials must be >= 1, got \[10, 0, 10\]"),
+    (lambda: streamem.BinomialMixture(2, n_trials=0), "n_trials must be finite and >= 1, got 0"),
+    (lambda: streamem.BinomialMixture(2, n_trials=[10, 0, 10]), r"n_trials must be finite and >= 1, got \[10, 0, 10\]"),
     (lambda: streamem.BinomialMixture(2, n_trials=[10, 10]), r"n_trials must be an int or one per feature \(3\), got 2 values"),
     (lambda: streamem.CategoricalMixture(2, n_categories=[2, 3]), r"n_categories must be an int or one per feature \(3\), got 2"),
     (lambda: streamem.CategoricalMixture(2, n_categories=2.5), "n_categories must be an int or one int per feature, got 2.5"),

@@ -233,7 +233,10 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _ESTIMATORS[cls.__name__] = cls
+        if not cls.__name__.startswith("_") and cls.family_class is not MixtureFamily:
+            _ESTIMATORS[cls.__name__] = cls
+        if "__init__" not in cls.__dict__:  # inherits a signature extended already
+            return
         own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind != p.VAR_KEYWORD]
         common = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value) for name, value in COMMON_PARAMS.items()]
         cls.__init__.__signature__ = inspect.Signature(own + common)
@@ -348,7 +351,8 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
                     batch_em(passes, family, runs, callback=callback, **common)
                 else:
                     seed = _shuffle_seed(self.random_state)
-                    online_em(passes, family, runs, self._online_settings(), seed=seed, monitor=self.monitor, callback=callback, **common)
+                    rows = float(data.n_samples + (self.n_rows_seen_ if continuing else 0))
+                    online_em(passes, family, runs, replace(self._online_settings(), rows=rows), seed=seed, monitor=self.monitor, callback=callback, **common)
         finally:
             passes.close()
 
@@ -415,7 +419,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         family = self._family(fitted=not first)
         scheduler = resolve_scheduler(self.client)
         passes = DataPasses(data, scheduler, progress=progress)
-        settings = replace(self._online_settings(), algorithm="stepwise", shuffle=False)
+        settings = replace(self._online_settings(), algorithm="stepwise", shuffle=False, rows=float(seen + data.n_samples))
         rng = check_random_state(self.random_state)
         try:
             if first:
@@ -620,8 +624,9 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
     def _family(self, fitted: bool = True) -> MixtureFamily:
         """The family with this estimator's settings (``fitted``: with the prior the fit used)."""
-        prior = getattr(self, "prior_", None) if fitted and hasattr(self, "weights_") else None
-        if prior is None and isinstance(self.prior, dict):
+        if isinstance(self.prior, str):  # "default": the hyperparameters the fit computed, once fitted
+            prior = getattr(self, "prior_", None) if fitted and hasattr(self, "weights_") else None
+        else:
             prior = self.prior
         fixed = None
         if self.learn_weights is False:
@@ -762,7 +767,8 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
         given = self._user_params(family, None)
         if given is not None or self.init_params == "random_from_data":  # no sample drawn: one of its own seed
-            family_of_sample(draw_sample(passes, self.init_sample_size, np.random.RandomState(_shuffle_seed(self.random_state))))
+            seed = np.random.RandomState(_shuffle_seed(self.random_state))
+            family_of_sample(draw_sample(passes, self.init_sample_size, seed, family.check_data))
         if given is not None:
             return chosen[0], [copy.copy(given) for _ in range(n_runs)]
         runs = initial_params(passes, chosen[0] if chosen else family, self.n_components, self.init_params, rng, n_runs,

@@ -21,8 +21,8 @@ def _check_counts(name: str, value: Any, low: int) -> None:
     arr = np.asarray(value)
     if arr.ndim > 1 or arr.size == 0 or arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
         raise ValueError(f"{name} must be an int or one int per feature, got {value!r}")
-    if np.any(arr < low):
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < low):
+        raise ValueError(f"{name} must be finite and >= {low}, got {value!r}")
 
 
 class _ProbsMixture(MixtureEstimator):

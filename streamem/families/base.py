@@ -299,6 +299,9 @@ class DataError(ValueError):
         super().__init__(message)
         self.row = row
 
+    def __reduce__(self) -> tuple:  # raised on a worker, re-raised on the client
+        return (type(self), (self.args[0], self.row))
+
 
 def check_integer_values(X: np.ndarray, offset: int, family: str, low: float, high: Any, rule: str) -> None:
     """Refuse values of ``X`` that are not integers in [low, high] (``high`` per feature or scalar), naming the first."""

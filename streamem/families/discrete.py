@@ -1,7 +1,9 @@
 """Families of discrete data: Bernoulli (0/1), Binomial (counts out of n), Poisson (counts), Categorical (codes).
 
-Their log-likelihoods are linear in the data (in a one-hot coding of it, for
-categorical features), so a block's E-step is one matrix product; the
+The Bernoulli, Binomial and Poisson log-likelihoods are linear in the data,
+so a block's E-step is one matrix product; categorical features gather
+each code's log-probability feature by feature (a product with a one-hot
+coding would need rows x features x categories of memory). The
 statistics are the responsibilities summed per component (``nk``) and the
 responsibility-weighted sums of the data (``sx``, or category counts).
 
@@ -226,8 +228,9 @@ class CategoricalFamily(MixtureFamily):
     """Integer-coded features, feature ``j`` taking values ``0 .. n_categories_j - 1``.
 
     ``probs`` has shape (K, d, C) with C the largest number of categories;
-    entries past a feature's own categories are 0. The E-step codes each
-    block one-hot (n, d * C) and makes one product with the log-probabilities.
+    entries past a feature's own categories are 0. The E-step gathers each
+    row's code's log-probability feature by feature (memory rows x K); the
+    statistics are weighted counts per code (``bincount``).
     Prior: ``concentration`` (d, C), a Dirichlet on every feature's
     probabilities: ``p = (counts + a - 1) / (nk + sum_c (a_c - 1))``.
     """
@@ -244,20 +247,24 @@ class CategoricalFamily(MixtureFamily):
         cats = self._categories(d)
         return np.arange(cats.max())[None, :] < cats[:, None]
 
-    def _one_hot(self, X: np.ndarray) -> np.ndarray:
-        n, d = X.shape
-        C = int(self._categories(d).max())
-        out = np.zeros((n, d * C))
-        out[np.arange(n)[:, None], np.arange(d) * C + X.astype(np.int64)] = 1.0
-        return out
-
     def component_log_prob(self, X: np.ndarray, params: MixtureParams) -> np.ndarray:
-        K = params.probs.shape[0]
-        return self._one_hot(X) @ _log(params.probs).reshape(K, -1).T
+        # A gather per feature, not a product with a one-hot coding: memory n x K, whatever the categories.
+        log_p = _log(params.probs)  # (K, d, C)
+        codes = X.astype(np.intp)
+        out = np.zeros((len(X), log_p.shape[0]))
+        for j in range(X.shape[1]):
+            out += log_p[:, j, codes[:, j]].T
+        return out
 
     def component_stats(self, X: np.ndarray, resp: np.ndarray) -> dict[str, np.ndarray]:
         K, d = resp.shape[1], X.shape[1]
-        return {"counts": (resp.T @ self._one_hot(X)).reshape(K, d, -1)}
+        C = int(self._categories(d).max())
+        codes = X.astype(np.intp)
+        counts = np.empty((K, d, C))
+        for j in range(d):
+            for k in range(K):
+                counts[k, j] = np.bincount(codes[:, j], weights=resp[:, k], minlength=C)
+        return {"counts": counts}
 
     def m_step_components(self, stats: SuffStats) -> dict[str, np.ndarray]:
         counts, nk = stats["counts"], stats["nk"] + EPS10
@@ -281,7 +288,9 @@ class CategoricalFamily(MixtureFamily):
         """One pseudo-row per component spread as the (smoothed) category frequencies; Dirichlet(2) on the weights."""
         d = sample.shape[1]
         valid = self._valid(d)
-        freq = (self._one_hot(sample).sum(axis=0).reshape(d, -1) + 0.5) * valid
+        C = valid.shape[1]
+        counts = np.stack([np.bincount(sample[:, j].astype(np.intp), minlength=C) for j in range(d)])
+        freq = (counts + 0.5) * valid
         return {"weight_concentration": 2.0, "concentration": 1.0 + freq / freq.sum(axis=1, keepdims=True)}
 
     def prior_spec(self, d: int) -> dict[str, tuple[tuple[int, ...], float]]:
