@@ -78,10 +78,12 @@ class InputData:
 
     @property
     def n_samples(self) -> int:
+        """Number of rows."""
         return int(self.array.shape[0])
 
     @property
     def n_features(self) -> int:
+        """Number of columns."""
         return int(self.array.shape[1])
 
     def row_offsets(self) -> np.ndarray:

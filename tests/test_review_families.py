@@ -1,6 +1,6 @@
 """Review of issue 15 (families, estimator core, model files, checkpoints, CLI): attempts to break it.
 
-Tests marked ``# DEFECT:`` fail on the code as reviewed, on purpose: each
+Tests marked ``# Found by review (fixed):`` fail on the code as reviewed, on purpose: each
 reproduces a defect (the report names the function at fault and a fix).
 The others pin down behaviour that was tried and works, with real
 components: Zarr stores in ``tmp_path`` with odd chunkings and dtypes, one
@@ -71,7 +71,7 @@ def _poisson_data(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_stepwise_fit_with_prior_is_not_dominated_by_the_prior():
-    # DEFECT: stepwise EM keeps statistics averaged per row (online.py _update), and the family's
+    # Found by review (fixed): stepwise EM keeps statistics averaged per row (online.py _update), and the family's
     # M-step adds the prior's pseudo-counts to them as if they were sums over all rows: the prior
     # weighs as much as the whole data set. prior="default" is one pseudo-row per component; over
     # 4,000 rows it must barely move the ML estimates (rates 2 and 9), yet stepwise MAP gives ~5 / ~7.
@@ -86,7 +86,7 @@ def test_stepwise_fit_with_prior_is_not_dominated_by_the_prior():
 
 
 def test_update_of_a_map_model_keeps_its_covariances():
-    # DEFECT: the same in update() (stepwise on the new rows): a Gaussian MAP model updated with
+    # Found by review (fixed): the same in update() (stepwise on the new rows): a Gaussian MAP model updated with
     # rows from the very distribution it was fitted on sees its variances shrink ~1 -> ~0.65 and
     # its weights pulled toward 1/2, because the Normal-inverse-Wishart pseudo-counts meet per-row
     # statistics (the fix: scale the statistics to the rows they stand for before the M-step).
@@ -104,7 +104,7 @@ def test_update_of_a_map_model_keeps_its_covariances():
 
 
 def test_data_error_survives_pickling():
-    # DEFECT: DataError.__init__(message, row) with Exception.args == (message,): unpickling calls
+    # Found by review (fixed): DataError.__init__(message, row) with Exception.args == (message,): unpickling calls
     # DataError(message) -> TypeError "missing 1 required positional argument: 'row'".
     # (families/base.py DataError: define __reduce__ or keep row in args.)
     err = pickle.loads(pickle.dumps(DataError("BernoulliMixture: values must be 0 or 1; got 2.0 in row 7", 7)))
@@ -113,7 +113,7 @@ def test_data_error_survives_pickling():
 
 @pytest.mark.parametrize("algorithm", ["batch", "stepwise"])
 def test_bad_data_on_a_cluster_is_named_and_clone_shares_client(algorithm, cluster, tmp_path):
-    # DEFECT: on a distributed cluster (what `streamem fit` uses by default) a value a family cannot
+    # Found by review (fixed): on a distributed cluster (what `streamem fit` uses by default) a value a family cannot
     # model comes back as "TypeError: DataError.__init__() missing 1 required positional argument:
     # 'row'" instead of the ValueError naming family, rule, value and row (see the pickling test).
     from distributed import Client
@@ -143,7 +143,7 @@ def test_bad_data_on_a_cluster_is_named_and_clone_shares_client(algorithm, clust
     ids=["n_trials", "n_categories"],
 )
 def test_checkpoint_with_one_setting_per_feature(make, X, tmp_path):
-    # DEFECT: checkpoint.fit_settings stores the family's settings with _setting -> json_value, which
+    # Found by review (fixed): checkpoint.fit_settings stores the family's settings with _setting -> json_value, which
     # refuses lists and arrays: "TypeError: n_trials=[5, 10] cannot be stored in a checkpoint".
     # Per-feature n_trials / n_categories are documented; use _jsonable (lists) for family settings.
     ck = tmp_path / "ck"
@@ -154,7 +154,7 @@ def test_checkpoint_with_one_setting_per_feature(make, X, tmp_path):
 
 
 def test_cli_fit_with_per_feature_n_trials_and_checkpoint(tmp_path, capsys):
-    # DEFECT: the same through the command line: exit 2, "n_trials=[5, 10] cannot be stored in a checkpoint".
+    # Found by review (fixed): the same through the command line: exit 2, "n_trials=[5, 10] cannot be stored in a checkpoint".
     X = np.random.RandomState(0).binomial([5, 10], 0.3, (300, 2)).astype(np.float32)
     data = _store(tmp_path / "x.zarr", X, 1)  # one-row chunks
     code = main(["fit", data, "--out", str(tmp_path / "m.zarr"), "--family", "binomial", "--n-trials", "5,10",
@@ -167,7 +167,7 @@ def test_cli_fit_with_per_feature_n_trials_and_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("init, prior", [("k-means++", None), ("random_from_data", None), ("kmeans", "default"), ("random", "default")])
 def test_out_of_range_category_is_a_value_error_in_every_initialisation(init, prior):
-    # DEFECT: k-means++ / random_from_data points (init.initial_params -> stats_from_resp) and the
+    # Found by review (fixed): k-means++ / random_from_data points (init.initial_params -> stats_from_resp) and the
     # sample of prior="default" (CategoricalFamily.default_prior) are one-hot coded without
     # family.check_data: a code >= n_categories is "IndexError: index 7 is out of bounds", not the
     # ValueError naming family, rule, value and row that kmeans/random without prior give.
@@ -181,7 +181,7 @@ def test_out_of_range_category_is_a_value_error_in_every_initialisation(init, pr
 
 
 def test_warm_start_and_update_use_the_prior_now_set():
-    # DEFECT: MixtureEstimator._family(fitted=True) prefers prior_ (the prior of the previous fit) to
+    # Found by review (fixed): MixtureEstimator._family(fitted=True) prefers prior_ (the prior of the previous fit) to
     # the prior parameter: after set_params(prior=B, warm_start=True) the fit runs with the old
     # prior A (prior_ stays A), and prior=None still fits MAP. Only prior="default" should reuse prior_.
     rng = np.random.RandomState(0)
@@ -202,7 +202,7 @@ def test_warm_start_and_update_use_the_prior_now_set():
 
 
 def test_categorical_chunk_statistics_stay_within_slice_bytes():
-    # DEFECT: CategoricalFamily._one_hot builds a dense float64 (rows, d * C) array of the whole
+    # Found by review (fixed): CategoricalFamily._one_hot builds a dense float64 (rows, d * C) array of the whole
     # chunk (E-step, statistics, predictions, and default_prior's sample of up to 100,000 rows):
     # 65,536 rows x 20 features x 50 categories is 500 MiB per chunk task. The Gaussian family
     # works in slices of SLICE_BYTES (32 MiB); here 20,000 x 4 x 100 peaks at ~2 x 61 MiB.
@@ -225,7 +225,7 @@ def test_categorical_chunk_statistics_stay_within_slice_bytes():
 
 
 def test_a_subclass_without_its_own_init_can_be_defined():
-    # DEFECT: MixtureEstimator.__init_subclass__ reads cls.__init__'s signature, which for a subclass
+    # Found by review (fixed): MixtureEstimator.__init_subclass__ reads cls.__init__'s signature, which for a subclass
     # without __init__ is the parent's already extended one, and appends the common parameters again:
     # "ValueError: duplicate parameter name: 'tol'" at class definition (class MyGM(GaussianMixture): ...).
     # Fix: extend only when "__init__" in cls.__dict__ (the inherited signature is already complete).
@@ -235,7 +235,7 @@ def test_a_subclass_without_its_own_init_can_be_defined():
 
 @pytest.mark.parametrize("attr, value", [("family", "poisson"), ("family", "no-such-family"), ("model_class", "_ProbsMixture")])
 def test_a_model_file_naming_another_family_or_a_base_class_is_refused(attr, value, tmp_path):
-    # DEFECT: load_model never reads the file's "family" (a Bernoulli model relabelled "poisson" or an
+    # Found by review (fixed): load_model never reads the file's "family" (a Bernoulli model relabelled "poisson" or an
     # unknown family loads silently), and the registry holds the private base _ProbsMixture (a file
     # naming it loads an estimator of the abstract family, which cannot predict). Fix: compare
     # ds.attrs["family"] with cls.family_class.name; register only public classes with a family name.
@@ -253,7 +253,7 @@ def test_a_model_file_naming_another_family_or_a_base_class_is_refused(attr, val
 @pytest.mark.parametrize("make", [lambda: BinomialMixture(2, n_trials=float("inf")), lambda: CategoricalMixture(2, n_categories=np.inf)],
                          ids=["n_trials", "n_categories"])
 def test_infinite_counts_setting_is_a_value_error(make):
-    # DEFECT: estimators/discrete.py _check_counts accepts inf (inf == round(inf)); the fit then dies in
+    # Found by review (fixed): estimators/discrete.py _check_counts accepts inf (inf == round(inf)); the fit then dies in
     # families/discrete.py _per_feature with "OverflowError: cannot convert float infinity to integer".
     X = np.random.RandomState(0).binomial(3, 0.5, (50, 2)).astype(np.float64)
     with pytest.raises(ValueError, match="n_trials|n_categories"):
@@ -261,7 +261,7 @@ def test_infinite_counts_setting_is_a_value_error(make):
 
 
 def test_cli_empty_npy_file_exits_2(tmp_path, capsys):
-    # DEFECT: cli._load_npy catches OSError/ValueError, but np.load of an empty (e.g. truncated) file
+    # Found by review (fixed): cli._load_npy catches OSError/ValueError, but np.load of an empty (e.g. truncated) file
     # raises EOFError: a traceback and exit 1 instead of one line naming --weights-init, exit 2.
     data = _store(tmp_path / "x.zarr", _poisson_data(200), 64)
     empty = tmp_path / "w.npy"

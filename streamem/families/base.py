@@ -74,6 +74,7 @@ def register_family(cls: type["MixtureFamily"]) -> type["MixtureFamily"]:
 
 
 def family_names() -> tuple[str, ...]:
+    """The names of the registered families, sorted."""
     return tuple(sorted(_FAMILIES))
 
 

@@ -225,7 +225,7 @@ class PoissonFamily(_CountFamily):
 @register_family
 @dataclass(frozen=True, eq=False)
 class CategoricalFamily(MixtureFamily):
-    """Integer-coded features, feature ``j`` taking values ``0 .. n_categories_j - 1``.
+    """Integer-coded features, feature ``j`` taking values ``0`` to ``n_categories_j - 1``.
 
     ``probs`` has shape (K, d, C) with C the largest number of categories;
     entries past a feature's own categories are 0. The E-step gathers each
