@@ -450,6 +450,68 @@ def check_checkpoint(settings: dict[str, Any]) -> str | None:
     return path
 
 
+PERFORMANCE_REPORT_HELP = ("write Dask's performance report of the run (task stream, worker profiles, bandwidth) to this HTML "
+                           "file, replacing it, when the run succeeds; needs a cluster (not --workers 0) and bokeh")
+
+
+def check_performance_report(args: argparse.Namespace, settings: dict[str, Any]) -> str | None:
+    """The ``--performance-report`` file, refused before any work when it cannot be written; None without one.
+
+    Raises
+    ------
+    UsageError
+        No cluster to report on (``--workers 0``), bokeh missing (Dask
+        draws the report with it), a directory that does not exist or is
+        not writable, a directory at the path, or the path of the data,
+        the model or ``--out``.
+    """
+    import importlib.util
+
+    path = getattr(args, "performance_report", None)
+    if path is None:
+        return None
+    if not settings.get("scheduler") and "cluster" not in settings and settings.get("workers", 2) == 0:
+        raise UsageError("--performance-report needs a Dask cluster (its scheduler records the report); "
+                         "with --workers 0 there is none: give --workers 1 or more, or --scheduler")  # fmt: skip
+    if importlib.util.find_spec("bokeh") is None:
+        raise UsageError("--performance-report needs bokeh, which draws Dask's report: pip install 'bokeh>=3.1'")
+    check_out(path, overwrite=True, flag="--performance-report")
+    if os.path.isdir(os.path.expanduser(path)):
+        raise UsageError(f"--performance-report: {path!r} is a directory; give a file name such as report.html")
+    check_distinct(("--performance-report", path), ("--out", getattr(args, "out", None)), ("data", args.data),
+                   ("model", getattr(args, "model", None)))  # fmt: skip
+    return path
+
+
+@contextlib.contextmanager
+def performance_report_file(path: str | None, quiet: bool) -> Iterator[None]:
+    """Dask's performance report of the block, written to ``path`` if the block succeeds (nothing without a path).
+
+    The report goes to a temporary name in the same directory, renamed into
+    place: ``path`` holds either what it held before or a complete report.
+    A failed run writes none (its scheduler may be gone). Runs inside
+    :func:`dask_client`, whose client the report asks.
+    """
+    if path is None:
+        yield
+        return
+    from distributed import performance_report
+
+    path = os.path.expanduser(path)
+    # The temporary name ends as path does: Dask infers a compression (.gz, ...) from the suffix.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".partial-{os.getpid()}-{os.path.basename(path)}")
+    report = performance_report(filename=tmp)
+    report.__enter__()
+    yield
+    try:
+        report.__exit__(None, None, None)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    _say(quiet, f"wrote performance report {path}")
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError in words, naming its path(s): ``'/data/x': Permission denied``."""
     if exc.filename is None:
@@ -475,6 +537,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     settings = merged_settings(args)
     check_out(args.out, bool(settings.get("overwrite")))
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
+    report = check_performance_report(args, settings)
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
     old = streamem.load(settings["init_from"]) if settings.get("init_from") else None
@@ -494,7 +557,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     model = cls(verbose=0 if args.quiet else 1, **kwargs)
     model._check_parameters()  # a bad setting is refused before the cluster starts
     checkpoint = check_checkpoint(settings)  # last: it creates the directory
-    with dask_client(settings, args.quiet) as client:
+    with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         model.set_params(client=client)
         tic = time.perf_counter()
         with warnings.catch_warnings():
@@ -594,6 +657,7 @@ def cmd_update(args: argparse.Namespace) -> None:
     places = (("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
     check_distinct(*places, may_hold=["--checkpoint"])
     check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model), may_hold=["--checkpoint"])
+    report = check_performance_report(args, settings)
     model = streamem.load(args.model)
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
@@ -603,7 +667,7 @@ def cmd_update(args: argparse.Namespace) -> None:
     if "batch_size" in settings:
         model.set_params(batch_size=settings["batch_size"])
     rows_before = model._rows_seen()
-    with dask_client(settings, args.quiet) as client:
+    with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         model.set_params(client=client, verbose=0 if args.quiet else 1, verbose_interval=1)
         tic = time.perf_counter()
         model.update(
@@ -631,12 +695,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     settings = merged_settings(args)
     check_out(args.out, args.overwrite)
     check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
+    report = check_performance_report(args, settings)
     model = streamem.load(args.model)
     where = data_keywords(settings)
     # The model loads the data itself: its feature checks (and feature alignment) apply,
     # and an xarray input gives results carrying its sample coordinates. Lazy: fails before the cluster starts.
     data = model._load_fitted(args.data, **where)
-    with dask_client(settings, args.quiet):
+    with dask_client(settings, args.quiet), performance_report_file(report, args.quiet):
         variables = {"labels": _as_dataarray(model.predict(args.data, **where))}
         if args.proba:
             variables["proba"] = _as_dataarray(model.predict_proba(args.data, **where), "component")
@@ -803,6 +868,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proba", action="store_true", help="also write responsibilities (sample, component)")
     p.add_argument("--score", action="store_true", help="also write each row's log-likelihood")
     sub.choices["accumulate"].add_argument("--rows", help="START:STOP (default: all rows)")
+    for name in ("fit", "update", "predict"):
+        sub.choices[name].add_argument("--performance-report", metavar="FILE.html", help=PERFORMANCE_REPORT_HELP)
 
     p = command("reduce", cmd_reduce, "sum shards' statistics and do one M-step from --model")
     p.add_argument("stats", nargs="+", help="statistics stores written by accumulate")
