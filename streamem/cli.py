@@ -820,7 +820,7 @@ def _progress(args: argparse.Namespace) -> bool:
 def _load_npy(name: str, path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         raise UsageError(f"--{name.replace('_', '-')}: cannot read {path!r} as a .npy array: {exc}") from None
 
 
