@@ -352,9 +352,13 @@ def quiet_dask_logs() -> None:
     """Silence Dask's own log lines, in this process and in worker processes started from now on."""
     import os
 
+    import warnings
+
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # The dashboard moves to a free port by itself: not worth a warning on a quiet run.
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
 
 
 def local_cluster(
