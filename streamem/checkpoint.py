@@ -28,6 +28,16 @@ state ``LATEST`` names. ``LATEST`` names the state of whichever fit saved
 last, so resuming from a shared directory continues that fit (another fit's
 settings are refused as usual). A state of a fit on another host, or of a
 finished fit in a thread that still runs, stays until its owner saves again.
+
+On object storage (a URL such as ``s3://bucket/run-1/checkpoint``, with
+``storage_options=``) the layout is the same, with prefixes for directories.
+Rename does not exist there, but neither step needs it: a state is a new
+store written with its root metadata last (:func:`streamem.storage.write_store`:
+a state whose write was interrupted has none and counts as absent), and
+``LATEST`` is one small object replaced in a single request, which readers
+see whole, old or new. So ``LATEST`` always names a complete state, and the
+leftovers of an interrupted write are removed by a later save like any old
+state.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import dask
 import numpy as np
 import xarray as xr
 
+from streamem import storage
 from streamem.backend import to_numpy
 from streamem.data import InputData, normalise_location
 from streamem.em import EMRun
@@ -152,12 +163,41 @@ def _setting(name: str, value: Any) -> Any:
 
 # ---------------------------------------------------------------- the directory
 def _expand(path: str | os.PathLike) -> str:
-    """A checkpoint directory as the file system names it: ``~`` expanded (every entry point calls this)."""
-    return os.path.expanduser(os.fspath(path))
+    """A checkpoint directory as the file system names it: ``~`` expanded (every entry point calls this); a URL as it is."""
+    if storage.is_store(path):
+        raise TypeError("checkpoint= must be a local path or a URL (a checkpoint is a directory of several stores), "
+                        f"got a {type(path).__name__} store object")  # fmt: skip
+    return path if storage.is_url(path) else os.path.expanduser(os.fspath(path))
 
 
-def checkpoint_exists(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a checkpoint state.
+class _RemoteDirectory:
+    """A checkpoint directory at a URL: a prefix of objects (see the module docstring)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None):
+        self.url, self.storage_options = url, storage_options
+        #: The URL as messages show it (no credentials).
+        self.name = storage.describe(url)
+        self.store = storage.open_store(url, storage_options)
+
+    def entries(self) -> list[str]:
+        return storage.entries(self.store, f"checkpoint {self.name}")
+
+    def read(self, name: str) -> str | None:
+        data = storage.read_bytes(self.store, name, f"checkpoint {self.name}")
+        return None if data is None else data.decode()
+
+    def write(self, name: str, text: str) -> None:
+        storage.write_bytes(self.store, name, text.encode(), f"checkpoint {self.name}")
+
+    def remove(self, name: str) -> None:
+        storage.remove(self.store, name, f"checkpoint {self.name}")
+
+    def child(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+
+def checkpoint_exists(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` (a directory or a URL) holds a checkpoint state.
 
     Raises
     ------
@@ -165,21 +205,41 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
         ``path`` exists but is not a directory a checkpoint may use.
     """
     path = _expand(path)
+    if storage.is_url(path):
+        remote = _RemoteDirectory(path, storage_options)
+        entries = remote.entries()
+        _check_entries(remote.name, entries)
+        return _POINTER in entries
     if os.path.exists(path):
         _check_directory(path)
     return os.path.isfile(os.path.join(path, _POINTER))
 
 
-def prepare_checkpoint(path: str | os.PathLike) -> None:
+def prepare_checkpoint(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
     """Make ``path`` a checkpoint directory: create it (and its marker) or check it may be used.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A local directory or a URL (``s3://bucket/prefix``, ...).
+    storage_options : dict, optional
+        Options of a URL's fsspec backend.
 
     Raises
     ------
     ValueError
         ``path`` is a file, or a directory that holds other things and is not
         a streamem checkpoint directory.
+    OSError
+        A URL whose endpoint or bucket cannot be reached.
     """
     path = _expand(path)
+    if storage.is_url(path):
+        remote = _RemoteDirectory(path, storage_options)
+        storage.check_bucket(path, storage_options, f"checkpoint {remote.name}")
+        if not _check_entries(remote.name, remote.entries()):
+            remote.write(MARKER, json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}))
+        return
     if os.path.lexists(path) and not os.path.isdir(path):
         _check_directory(path)  # refuses it by name; os.makedirs would raise a bare FileExistsError
     os.makedirs(path, exist_ok=True)
@@ -196,7 +256,11 @@ def _check_directory(path: str) -> bool:
     """Refuse what a checkpoint may not use; return whether ``path`` already has the marker."""
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint={path!r} is not a directory; give a new, empty or checkpoint directory")
-    entries = os.listdir(path)
+    return _check_entries(path, os.listdir(path))
+
+
+def _check_entries(path: str, entries: list[str]) -> bool:
+    """Refuse a directory holding ``entries`` that a checkpoint may not use; return whether it has the marker."""
     if MARKER in entries:
         return True
     foreign = sorted(e for e in entries if e != _POINTER and not _STATE_RE.fullmatch(e) and not _POINTER_TMP_RE.fullmatch(e))
@@ -243,14 +307,17 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(path: str, keep: str) -> None:
+def _remove_stale(path: str, keep: str, remote: _RemoteDirectory | None = None) -> None:
     """Remove the checkpoint entries that are no longer needed (see the module docstring)."""
-    current = _read_pointer(path)
-    for entry in os.listdir(path):
+    current = _read_pointer(path, remote)
+    for entry in (remote.entries() if remote else os.listdir(path)):
         if entry in (keep, current):
             continue
         match = _STATE_RE.fullmatch(entry) or _POINTER_TMP_RE.fullmatch(entry)
         if match is None or not _removable(match):
+            continue
+        if remote is not None:
+            remote.remove(entry)
             continue
         stale = os.path.join(path, entry)
         if os.path.isdir(stale):
@@ -262,7 +329,10 @@ def _remove_stale(path: str, keep: str) -> None:
                 pass
 
 
-def _read_pointer(path: str) -> str | None:
+def _read_pointer(path: str, remote: _RemoteDirectory | None = None) -> str | None:
+    if remote is not None:
+        text = remote.read(_POINTER)
+        return None if text is None else text.strip()
     try:
         with open(os.path.join(path, _POINTER)) as fh:
             return fh.read().strip()
@@ -278,8 +348,11 @@ def save_checkpoint(
     family: Any,
     settings: dict[str, Any],
     fingerprint: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Write a new state of every run and make it the current one.
+
+    ``path`` may be a URL (with ``storage_options``): see the module docstring.
 
     Raises
     ------
@@ -287,7 +360,7 @@ def save_checkpoint(
         ``path`` may not be used (see :func:`prepare_checkpoint`).
     """
     path = _expand(path)
-    prepare_checkpoint(path)
+    prepare_checkpoint(path, storage_options)
     max_len = max(len(r.lower_bounds) for r in runs)
     ds = xr.concat([params_dataset(r.params, family) for r in runs], dim="run")
     bounds = np.full((len(runs), max_len), np.nan)
@@ -309,6 +382,12 @@ def save_checkpoint(
     }
     owner = _owner()
     name = f"state-{iteration:06d}-{owner}-{uuid.uuid4().hex[:8]}.zarr"
+    if storage.is_url(path):
+        remote = _RemoteDirectory(path, storage_options)
+        write_dataset(ds, remote.child(name), overwrite=False, storage_options=storage_options)
+        remote.write(_POINTER, name)  # one object, replaced in one request: the switch
+        _remove_stale(path, keep=name, remote=remote)
+        return
     write_dataset(ds, os.path.join(path, name), overwrite=False)
     pointer_tmp = os.path.join(path, f"{_POINTER}.tmp-{owner}-{uuid.uuid4().hex[:8]}")
     with open(pointer_tmp, "w") as fh:
@@ -339,22 +418,29 @@ def _online_state(runs: list[EMRun], family: Any) -> xr.Dataset:
 _LOAD_ATTEMPTS = 5
 
 
-def _open_current(path: str) -> xr.Dataset:
+def _open_current(path: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    remote = _RemoteDirectory(path, storage_options) if storage.is_url(path) else None
+    shown = remote.name if remote else path
     for attempt in range(_LOAD_ATTEMPTS):
-        name = _read_pointer(path)
+        name = _read_pointer(path, remote)
         if name is None:
-            raise FileNotFoundError(f"checkpoint {path!r} holds no state ({_POINTER} is missing)")
+            raise FileNotFoundError(f"checkpoint {shown!r} holds no state ({_POINTER} is missing)")
         try:
+            if remote is not None:
+                return open_dataset(remote.child(name), FORMAT_NAME, storage_options)
             return open_dataset(os.path.join(path, name), FORMAT_NAME)
         except (FileNotFoundError, ValueError):
             # A fit sharing the directory may have moved on and removed that state.
-            if attempt == _LOAD_ATTEMPTS - 1 or _read_pointer(path) == name:
+            if attempt == _LOAD_ATTEMPTS - 1 or _read_pointer(path, remote) == name:
                 raise
     raise AssertionError("unreachable")
 
 
 def load_checkpoint(
-    path: str | os.PathLike, settings: dict[str, Any], fingerprint: dict[str, Any]
+    path: str | os.PathLike,
+    settings: dict[str, Any],
+    fingerprint: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[list[tuple[dict[str, np.ndarray], float, list[float], int, bool]], int]:
     """Read the current state; refuse it if it was made with other data or settings.
 
@@ -363,7 +449,8 @@ def load_checkpoint(
     variable name, and the iteration the state was saved after.
     """
     path = _expand(path)
-    ds = _open_current(path)
+    ds = _open_current(path, storage_options)
+    path = storage.describe(path)  # as messages show it
     saved_fp = json.loads(ds.attrs["fingerprint"])
     # States of older streamem spelled the location as given: compare normalised.
     saved_fp["source"] = _location(saved_fp.get("source"))
@@ -387,8 +474,8 @@ def load_checkpoint(
     return runs, int(ds.attrs["iteration"])
 
 
-def checkpoint_prior(path: str | os.PathLike) -> Any:
+def checkpoint_prior(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Any:
     """The prior hyperparameters the checkpointed fit used (None: none, or a state written before priors)."""
     from streamem.io import _from_json
 
-    return _from_json(json.loads(_open_current(_expand(path)).attrs.get("prior", "null")))
+    return _from_json(json.loads(_open_current(_expand(path), storage_options).attrs.get("prior", "null")))

@@ -142,8 +142,11 @@ CLUSTER_OPTIONS = (
     Option("worker_timeout", float, "seconds to wait for workers to join, before and during the run "
            "(default 60; 600 with a cluster: section, whose jobs may queue)", estimator=False),
 )
-#: YAML keys allowed besides the options: a dask-jobqueue cluster section.
-EXTRA_KEYS = {"cluster": dict}
+#: YAML keys allowed besides the options: a dask-jobqueue cluster section, the fsspec backend's options of URLs.
+EXTRA_KEYS = {"cluster": dict, "storage_options": dict}
+STORAGE_OPTION_HELP = ("an option of the fsspec backend of every URL given (s3://, gs://, https://, ...), repeatable; "
+                       "KEY.SUB=VALUE sets a nested one (client_kwargs.endpoint_url=http://...); VALUE is a YAML "
+                       "number, true/false/null, or else text. Never written or logged")  # fmt: skip
 _NPY_OPTIONS = ("weights_init", "means_init", "precisions_init", "probs_init", "rates_init")
 
 
@@ -212,7 +215,50 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
                 raise UsageError(f"{_flag(o.name)}: {exc}") from None
         if value is not None:
             settings[o.name] = value
+    flags = storage_option_flags(getattr(args, "storage_option", None) or [])
+    if flags or "storage_options" in settings:
+        from streamem.storage import _merge
+
+        settings["storage_options"] = _merge(settings.get("storage_options", {}), flags)
     return settings
+
+
+def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` flags as a (nested, for dotted keys) mapping.
+
+    Raises
+    ------
+    UsageError
+        An item without ``=`` or with an empty key (the value is not shown: it may be a secret).
+    """
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--storage-option: expected KEY=VALUE (KEY may be dotted: client_kwargs.region_name), got key {key!r}")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        # Only plain scalars spelled as YAML writes them are converted ("007", "1_000", "0x1f" stay text).
+        if not isinstance(value, (bool, int, float, type(None))) or _yaml_spelling(value) != text.lower():
+            value = text
+        *parents, last = key.split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--storage-option: {key!r} sets a key under {part!r}, which has a value")
+        node[last] = value
+    return options
+
+
+def _yaml_spelling(value: Any) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower()
 
 
 def _origin(args: argparse.Namespace, name: str) -> str:
@@ -338,24 +384,40 @@ def _say(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
+def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", storage_options: dict[str, Any] | None = None) -> None:
     """Refuse an output path that cannot be written, before any work starts.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Where the command will write.
+        Where the command will write: a local path or a URL.
     overwrite : bool
         Whether an existing ``path`` may be replaced.
     flag : str, default="--out"
         The option named in the error.
+    storage_options : dict, optional
+        The fsspec backend's options of a URL.
 
     Raises
     ------
     UsageError
         When ``path`` exists and ``overwrite`` is false, or its directory
-        does not exist, is not a directory, or is not writable.
+        does not exist, is not a directory, or is not writable; for a URL,
+        when a store is there and ``overwrite`` is false.
+    OSError
+        A URL whose endpoint or bucket cannot be reached (exit status 2 too).
     """
+    from streamem import storage
+
+    if storage.is_url(path):
+        where = storage.describe(path)
+        storage.check_bucket(path, storage_options, f"{flag} {where}")
+        state, _ = storage.store_state(storage.open_store(path, storage_options), f"{flag} {where}")
+        if state == "store" and not overwrite:
+            raise UsageError(f"{flag}: {where!r} exists; pass --overwrite to replace it")
+        if state == "foreign":
+            raise UsageError(f"{flag}: {where!r} holds objects that are not a Zarr store; write elsewhere")
+        return
     path = os.path.expanduser(os.fspath(path))  # as the writers spell it
     if os.path.lexists(path) and not overwrite:
         raise UsageError(f"{flag}: {path!r} exists; pass --overwrite to replace it")
@@ -439,13 +501,13 @@ def check_checkpoint(settings: dict[str, Any]) -> str | None:
             raise UsageError("--resume needs --checkpoint naming the checkpoint directory")
         return None
     try:
-        prepare_checkpoint(path)
+        prepare_checkpoint(path, settings.get("storage_options"))
     except OSError as exc:
         raise UsageError(f"--checkpoint: cannot use {path!r}: {describe_os_error(exc)}") from None
     except ValueError as exc:
         raise UsageError(f"--checkpoint: {exc}") from None
     # For root only a read-only file system stops a write, and os.access reports that too.
-    if not os.access(os.path.expanduser(path), os.W_OK | os.X_OK):
+    if "://" not in path and not os.access(os.path.expanduser(path), os.W_OK | os.X_OK):
         raise UsageError(f"--checkpoint: cannot write {path!r}: the directory is not writable")
     return path
 
@@ -526,6 +588,7 @@ def data_keywords(settings: dict[str, Any]) -> dict[str, Any]:
         "variable": settings.get("variable"),
         "sample_dim": settings.get("sample_dim"),
         "missing_chunks": settings.get("missing_chunks", "raise"),
+        "storage_options": settings.get("storage_options"),
     }
 
 
@@ -535,12 +598,13 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from streamem.matching import match_components
 
     settings = merged_settings(args)
-    check_out(args.out, bool(settings.get("overwrite")))
+    options = settings.get("storage_options")
+    check_out(args.out, bool(settings.get("overwrite")), storage_options=options)
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
     report = check_performance_report(args, settings)
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
-    old = streamem.load(settings["init_from"]) if settings.get("init_from") else None
+    old = streamem.load(settings["init_from"], storage_options=options) if settings.get("init_from") else None
     cls = fit_estimator_class(args, settings, old)
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
     for name in _NPY_OPTIONS:
@@ -573,7 +637,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     model.client = None
     if old is not None:  # components that swapped places during EM get their old labels back
         model.permute_components(match_components(old, model))
-    model.save(args.out, overwrite=bool(settings.get("overwrite")))
+    model.save(args.out, overwrite=bool(settings.get("overwrite")), storage_options=options)
     _say(args.quiet, f"fitted in {seconds:.1f} s: {model.n_iter_} iterations, converged={model.converged_}, "
          f"mean log-likelihood {model.lower_bound_:.6f}; saved {args.out}")
 
@@ -652,13 +716,14 @@ def cmd_update(args: argparse.Namespace) -> None:
 
     settings = merged_settings(args)
     overwrite = bool(settings.get("overwrite"))
-    check_out(args.out, overwrite)
+    options = settings.get("storage_options")
+    check_out(args.out, overwrite, storage_options=options)
     # --out may replace MODEL (an update in place), but not the data; nor may the checkpoint sit in either.
     places = (("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
     check_distinct(*places, may_hold=["--checkpoint"])
     check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model), may_hold=["--checkpoint"])
     report = check_performance_report(args, settings)
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
     streamem.load_data(args.data, **where)  # fail before the cluster starts
     if args.passes < 1:
@@ -681,7 +746,7 @@ def cmd_update(args: argparse.Namespace) -> None:
         )
         seconds = time.perf_counter() - tic
     model.set_params(client=None, verbose=0)
-    model.save(args.out, overwrite=overwrite)
+    model.save(args.out, overwrite=overwrite, storage_options=options)
     _say(args.quiet, f"updated in {seconds:.1f} s with {model.n_rows_seen_ - rows_before:,} new rows ({model.n_rows_seen_:,} seen in all): "
          f"mean log-likelihood {model.lower_bound_:.6f} (online average over the pass); saved {args.out}")
 
@@ -690,13 +755,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import xarray as xr
 
     import streamem
+    from streamem.data import normalise_location
     from streamem.io import write_dataset
 
     settings = merged_settings(args)
-    check_out(args.out, args.overwrite)
+    options = settings.get("storage_options")
+    check_out(args.out, args.overwrite, storage_options=options)
     check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
     report = check_performance_report(args, settings)
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
     # The model loads the data itself: its feature checks (and feature alignment) apply,
     # and an xarray input gives results carrying its sample coordinates. Lazy: fails before the cluster starts.
@@ -708,8 +775,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.score:
             variables["log_likelihood"] = _as_dataarray(model.score_samples(args.data, **where))
         ds = xr.Dataset(variables)
-        ds.attrs = {"model": os.path.abspath(args.model), "data_source": data.source}
-        write_dataset(ds, args.out, overwrite=args.overwrite, checksum=False)
+        ds.attrs = {"model": normalise_location(args.model), "data_source": data.source}
+        write_dataset(ds, args.out, overwrite=args.overwrite, checksum=False, storage_options=options)
     _say(args.quiet, f"wrote {', '.join(variables)} for {data.n_samples:,} rows to {args.out}")
 
 
@@ -728,7 +795,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     import streamem
 
     settings = merged_settings(args)
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=settings.get("storage_options"))
     # Through the model's own loading, so its feature checks (and alignment) apply; before the cluster starts.
     data = model._load_fitted(args.data, **data_keywords(settings))
     with dask_client(settings, args.quiet):
@@ -741,7 +808,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     import streamem
 
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=merged_settings(args).get("storage_options"))
     family = model._family()
     np.set_printoptions(precision=4, suppress=True, linewidth=120)
     data = getattr(model, "fit_data_", {})
@@ -775,7 +842,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from streamem.plot import plot_model
 
     check_out(args.out, overwrite=True)  # a picture is replaced silently, but its directory must take it
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=merged_settings(args).get("storage_options"))
     data = None
     if args.data is not None:
         # Loaded here because plot_model takes no missing_chunks; the model's own loading, so its
@@ -790,14 +857,15 @@ def cmd_accumulate(args: argparse.Namespace) -> None:
     from streamem.mapreduce import accumulate, write_stats
 
     settings = merged_settings(args)
-    check_out(args.out, args.overwrite)
+    options = settings.get("storage_options")
+    check_out(args.out, args.overwrite, storage_options=options)
     check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
-    model = streamem.load(args.model)
+    model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
     model._load_fitted(args.data, **where)  # lazy: fail before the cluster starts
     with dask_client(settings, args.quiet) as client:
         ds = accumulate(model, args.data, rows=args.rows, **where, client=client)
-    write_stats(ds, args.out, overwrite=args.overwrite)
+    write_stats(ds, args.out, overwrite=args.overwrite, storage_options=options)
     _say(args.quiet, f"wrote statistics of rows {ds.attrs['rows']} to {args.out}")
 
 
@@ -805,11 +873,12 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     import streamem
     from streamem.mapreduce import reduce_stats
 
-    check_out(args.out, args.overwrite)
+    options = merged_settings(args).get("storage_options")
+    check_out(args.out, args.overwrite, storage_options=options)
     # --out may replace --model (an iteration in place), not a shard.
     check_distinct(("--out", args.out), *(("statistics store", path) for path in args.stats))
-    model = reduce_stats(streamem.load(args.model), args.stats)
-    model.save(args.out, overwrite=args.overwrite)
+    model = reduce_stats(streamem.load(args.model, storage_options=options), args.stats, storage_options=options)
+    model.save(args.out, overwrite=args.overwrite, storage_options=options)
     _say(args.quiet, f"one EM iteration from {len(args.stats)} shards: mean log-likelihood {model.lower_bound_:.10g}; saved {args.out}")
 
 
@@ -834,6 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("--quiet", "-q", action="store_true", help="no progress or log output")
+        if name != "generate":  # every command that reads or writes stores takes URLs
+            p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help=STORAGE_OPTION_HELP)
         if cluster:
             _add_options(p.add_argument_group("cluster"), CLUSTER_OPTIONS)
             p.add_argument("--config", help="YAML file of settings (flags override it)")
@@ -928,9 +999,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         # The library's keyword, as the flag that sets it here.
         message = message.replace("missing_chunks='fill'", "--missing-chunks fill")
+        message = _redact(message, args)
         print(f"streamem {args.command}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def _redact(message: str, args: argparse.Namespace) -> str:
+    """``message`` without the secrets of the storage options given (the library's errors have none; this is a backstop)."""
+    from streamem.storage import redact
+
+    try:
+        options = merged_settings(args).get("storage_options")
+    except Exception:  # a bad config or flag: nothing was read that could be in the message
+        return message
+    return redact(message, options)
 
 
 if __name__ == "__main__":

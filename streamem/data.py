@@ -16,6 +16,10 @@ while it is the whole stored array as opened (see :func:`load_data`, Notes).
 
 Local paths are spelled one way everywhere (:func:`normalise_location`):
 ``~`` expanded, absolute, symbolic links resolved.
+
+A URL (``s3://``, ``gs://``, ``https://``, ...; with ``storage_options=``) or
+a ``zarr`` store object is read the same way, chunk by chunk, through
+:mod:`streamem.storage`; the URL is recorded without credentials.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import xarray as xr
 import zarr
 from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
+
+from streamem import storage
 
 #: Rows per chunk when we chunk in-memory data.
 DEFAULT_CHUNK_ROWS = 65_536
@@ -107,13 +113,17 @@ def load_data(
     sample_dim: str | None = None,
     chunk_rows: int | None = None,
     missing_chunks: str = "raise",
+    storage_options: dict[str, Any] | None = None,
 ) -> InputData:
     """Validate ``X`` and return it as a row-chunked dask array.
 
     Parameters
     ----------
-    X : array-like, dask array, zarr.Array, str, os.PathLike, xarray object
-        The data, shape (n_samples, n_features). A path may start with ``~``.
+    X : array-like, dask array, zarr.Array, str, os.PathLike, zarr store, xarray object
+        The data, shape (n_samples, n_features). A path may start with
+        ``~``; a URL (``s3://bucket/data.zarr``, ``gs://``, ``az://``,
+        ``https://``, ...) is opened through fsspec, and a zarr store object
+        (e.g. ``zarr.storage.ObjectStore``) as it is.
     variable : str, optional
         Which variable of a Zarr group or ``xarray.Dataset`` holds the data.
     sample_dim : str, optional
@@ -131,6 +141,10 @@ def load_data(
         holds only the fill value unless ``write_empty_chunks`` is on). A chunk
         that cannot be decoded is an error either way. See Notes for which
         inputs are checked.
+    storage_options : dict, optional
+        Options of a URL's fsspec backend (endpoint, region, credentials;
+        see :mod:`streamem.storage` for the timeouts set by default).
+        Ignored for other input.
 
     Returns
     -------
@@ -160,7 +174,10 @@ def load_data(
         raise ValueError(f"missing_chunks must be one of {MISSING_CHUNKS}, got {missing_chunks!r}")
     source = "array"
     store_meta: dict[str, Any] = {}
-    if isinstance(X, (str, os.PathLike)):
+    if storage.is_remote(X):
+        source = normalise_location(storage.describe(X))
+        X, store_meta = _open_path(X, variable, sample_dim, missing_chunks, storage_options, source)
+    elif isinstance(X, (str, os.PathLike)):
         # One spelling per store, so that provenance and checkpoint fingerprints agree.
         source = normalise_location(os.fspath(X))
         X, store_meta = _open_path(source, variable, sample_dim, missing_chunks)
@@ -251,7 +268,8 @@ def normalise_location(source: str) -> str:
     A local path has ``~`` expanded and becomes absolute with ``.``, ``..``,
     symbolic links and trailing separators resolved (``os.path.realpath``);
     a ``file://`` URL counts as a local path. Other URLs lose a trailing
-    ``/``. ``"array"`` (in-memory data, which has no location) stays as it
+    ``/``, and any user name, password, query or fragment (credentials are
+    never recorded). ``"array"`` (in-memory data, which has no location) stays as it
     is. Idempotent.
 
     Parameters
@@ -268,7 +286,7 @@ def normalise_location(source: str) -> str:
     if source.startswith("file://"):
         source = source[len("file://") :]
     elif "://" in source:
-        return source.rstrip("/")
+        return storage.public_url(source)
     return os.path.realpath(os.path.expanduser(source))
 
 
@@ -277,7 +295,7 @@ def zarr_location(array: zarr.Array) -> str:
     store = array.store_path.store
     if isinstance(store, LocalStore):
         return normalise_location(os.path.join(os.fspath(store.root), array.store_path.path))
-    return str(array.store_path)
+    return storage.store_name(store, array.store_path.path)
 
 
 def _from_reader(reader: "CheckedZarrReader") -> da.Array:
@@ -386,16 +404,29 @@ class CheckedZarrReader:
         self.ndim = len(self.shape)
         #: The grid of chunk files (shards when sharded).
         self.file_chunks = tuple(array.shards or array.chunks)
+        #: Errors of a store that is not local are worded here (one line, the array named, no secrets).
+        self.remote = not isinstance(array.store_path.store, LocalStore)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         files = list(self._files(key))
-        if self.missing_chunks == "raise":
-            self._check_present(files)
+        try:
+            if self.missing_chunks == "raise":
+                self._check_present(files)
+            return self._read(key, files)
+        except Exception as exc:
+            if self.remote and storage.is_storage_error(exc):
+                where = f"X: reading Zarr array {self.location} ({self._rows(files[0]) if files else 'no rows'})"
+                raise storage.storage_error(exc, where, self.array.store_path.store) from None
+            raise
+
+    def _read(self, key: tuple[slice, ...], files: list[tuple[int, ...]]) -> np.ndarray:
         try:
             return np.asarray(self.values[key])
         except (OSError, MemoryError):
             raise
         except Exception as exc:
+            if self.remote and storage.is_storage_error(exc):
+                raise  # the store's error, not the data's: worded by __getitem__
             raise self._decode_error(files, exc) from exc
 
     def _files(self, key: tuple[slice, ...]) -> Iterator[tuple[int, ...]]:
@@ -456,20 +487,26 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _open_path(path: str, variable: str | None, sample_dim: str | None, missing_chunks: str) -> tuple[Any, dict[str, Any]]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"X: path {path!r} does not exist")
-    try:
-        node = zarr.open(path, mode="r")
-    except Exception as exc:  # zarr raises several types for "not a store"
-        raise ValueError(f"X: path {path!r} is not a Zarr array or group ({exc})") from None
+def _open_path(
+    path: Any,
+    variable: str | None,
+    sample_dim: str | None,
+    missing_chunks: str,
+    storage_options: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Open a local path, a URL or a zarr store object (named ``name`` in messages) as an array or a variable."""
+    target, node = _open_node(path, storage_options, name)
+    path = name or path
     meta = {"path": path, "zarr_format": node.metadata.zarr_format}
     if isinstance(node, zarr.Array):
         if variable is not None:
             raise ValueError(f"variable={variable!r} was given, but {path!r} is a Zarr array, not a group")
         return node, meta
-    names = sorted(name for name, _ in node.arrays())
-    _select_variable(None, variable, names, where=f"Zarr group {path!r}")
+    # Asked for by name first: listing a group is one more request, and https:// stores cannot list.
+    if variable is None or not isinstance(node.get(variable), zarr.Array):
+        names = sorted(name for name, _ in node.arrays())
+        _select_variable(None, variable, names, where=f"Zarr group {path!r}")
     meta["variable"] = variable
     try:
         # An xarray-written group carries coordinates we want to keep.
@@ -477,7 +514,7 @@ def _open_path(path: str, variable: str | None, sample_dim: str | None, missing_
             warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": fine here
             # Not chunked, not cached: indexing reads just that block, decoded.
             ds = xr.open_dataset(
-                path, engine="zarr", chunks=None, cache=False, consolidated=None, zarr_format=node.metadata.zarr_format
+                target, engine="zarr", chunks=None, cache=False, consolidated=None, zarr_format=node.metadata.zarr_format
             )
     except Exception:
         ds = None
@@ -488,6 +525,35 @@ def _open_path(path: str, variable: str | None, sample_dim: str | None, missing_
     row_axis = lazy.dims.index(sample_dim) if sample_dim in lazy.dims else 0
     reader = CheckedZarrReader(node[variable], missing_chunks, lazy.variable, row_axis)
     return lazy.copy(data=_from_reader(reader)), meta
+
+
+def _open_node(path: Any, storage_options: dict[str, Any] | None, name: str | None) -> tuple[Any, Any]:
+    """What to open (a path or a store) and the Zarr array or group there."""
+    if not storage.is_remote(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"X: path {path!r} does not exist")
+        target = path
+    else:
+        target = storage.open_store(path, storage_options, read_only=True)
+        where = f"X: {name}"
+        present = storage.run(_has_root(target), where, target)
+        if not present:
+            raise FileNotFoundError(f"X: {name!r} does not exist (no Zarr metadata there)")
+    try:
+        node = zarr.open(target, mode="r")
+    except Exception as exc:  # zarr raises several types for "not a store"
+        if storage.is_remote(path) and storage.is_storage_error(exc) and not isinstance(exc, FileNotFoundError):
+            raise storage.storage_error(exc, f"X: {name}", target) from None
+        raise ValueError(f"X: path {name or path!r} is not a Zarr array or group ({exc})") from None
+    return target, node
+
+
+async def _has_root(store: Any) -> bool:
+    """Whether a store has Zarr root metadata (v3, or a v2 array or group)."""
+    for key in (storage.ROOT, ".zarray", ".zgroup"):
+        if await store.exists(key):
+            return True
+    return False
 
 
 def _select_variable(ds: Any, variable: str | None, names: list[str], where: str = "the Dataset") -> Any:

@@ -9,6 +9,11 @@ store swapped while it read, so a reader sees the old store or the new one,
 never half of one. A write replaces only a store streamem wrote (its
 ``format`` attribute is one of :data:`STREAMEM_FORMATS`). Paths may start
 with ``~``.
+
+Every function that takes a path also takes a URL (``s3://``, ``gs://``,
+``https://``, ...; with ``storage_options=``) or a ``zarr`` store object. There
+rename does not exist: a store is written with its root metadata last and
+counts as absent without it (see :mod:`streamem.storage`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import dask.system
 import dask.threaded
 import numpy as np
 import xarray as xr
+import zarr
+
+from streamem import storage
 
 #: Increase when the layout changes; readers refuse newer versions.
 FORMAT_VERSION = 1
@@ -66,8 +74,17 @@ def params_dataset(params: Any, family: Any, feature_coord: np.ndarray | None = 
     return xr.Dataset(variables, coords=coords)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool) -> None:
+def atomic_write(
+    path: Any, write: Callable[[Any], None], *, overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> None:
     """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place.
+
+    For a URL or a zarr store object ``path``, ``write`` gets a store to
+    write into instead, and the store appears complete or not at all by
+    the protocol of :func:`streamem.storage.write_store` (root metadata
+    last; an overwrite deletes the old store first, so an interrupted one
+    leaves no store). ``storage_options`` are the backend's options for a
+    URL; local paths ignore them.
 
     An existing ``path`` is refused (FileExistsError) unless ``overwrite``;
     it is replaced only after the new store is complete and on disk, and
@@ -85,6 +102,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     store at ``path``, and two concurrent creators may both succeed (the
     later one wins).
     """
+    if storage.is_remote(path):
+        storage.write_store(path, write, overwrite=overwrite, storage_options=storage_options, replaceable=_foreign_attrs)
+        return
     path = os.path.expanduser(os.fspath(path)).rstrip(os.sep) or os.sep
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
@@ -106,19 +126,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
         _remove(old)
 
 
-def check_replaceable(path: str | os.PathLike) -> None:
+def check_replaceable(path: Any, storage_options: dict[str, Any] | None = None) -> None:
     """Refuse to replace ``path`` unless nothing is there or it is a store streamem wrote.
 
     A store streamem wrote has a ``format`` attribute in
     :data:`STREAMEM_FORMATS`; anything else (the user's data, a directory,
-    a file) is refused, so ``--overwrite`` cannot destroy an input given as
-    the output by mistake.
+    a file; at a URL: objects that are not a Zarr store) is refused, so
+    ``--overwrite`` cannot destroy an input given as the output by mistake.
 
     Raises
     ------
     ValueError
         Naming ``path`` and what it holds.
     """
+    if storage.is_remote(path):
+        where = storage.describe(path)
+        state, attrs = storage.store_state(storage.open_store(path, storage_options, read_only=True), where)
+        held = _foreign_attrs(attrs) if state == "store" else "objects that are not a Zarr store" if state == "foreign" else None
+        if held is not None:
+            raise ValueError(storage.replaceable_message(where, held))
+        return
     path = os.path.expanduser(os.fspath(path))
     for _ in range(_OPEN_ATTEMPTS):
         before = _identity(path)
@@ -131,6 +158,12 @@ def check_replaceable(path: str | os.PathLike) -> None:
         f"{path!r} holds {held}, not a store written by streamem; overwrite=True (--overwrite) replaces only "
         f"streamem's own stores (format attribute one of {list(STREAMEM_FORMATS)}): remove it yourself or write elsewhere"
     )
+
+
+def _foreign_attrs(attrs: dict[str, Any]) -> str | None:
+    """What a Zarr store with root attributes ``attrs`` is, when streamem did not write it (None: it did)."""
+    fmt = attrs.get("format")
+    return None if fmt in STREAMEM_FORMATS else f"a Zarr store whose 'format' attribute is {fmt!r}"
 
 
 def _foreign_content(path: str) -> str | None:
@@ -294,9 +327,15 @@ def _checksums(ds: xr.Dataset) -> dict[str, str]:
 
 
 def write_dataset(
-    ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool, checksum: bool = True, format_name: str | None = None
+    ds: xr.Dataset,
+    path: Any,
+    *,
+    overwrite: bool,
+    checksum: bool = True,
+    format_name: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``ds`` to a Zarr v3 store at ``path``, atomically.
+    """Write ``ds`` to a Zarr v3 store at ``path`` (a path, a URL or a zarr store object), atomically.
 
     With ``checksum`` (for small, in-memory datasets: models, checkpoints,
     statistics) a hash of every variable goes into the attributes so that
@@ -315,10 +354,16 @@ def write_dataset(
     ds = ds.assign_attrs(format=fmt, format_version=ds.attrs.get("format_version", FORMAT_VERSION))
     if checksum:
         ds = ds.assign_attrs(checksums=json.dumps(_checksums(ds)))
-    atomic_write(path, lambda tmp: _to_zarr(ds, tmp), overwrite=overwrite)
+    atomic_write(path, lambda tmp: _to_zarr(ds, tmp), overwrite=overwrite, storage_options=storage_options)
 
 
-def _to_zarr(ds: xr.Dataset, path: str) -> None:
+def _to_zarr(ds: xr.Dataset, path: Any) -> None:
+    if not dask.is_dask_collection(ds) and storage.is_store(path):
+        # xarray writes a store's objects one request after another: in memory first, then all at once.
+        memory = zarr.storage.MemoryStore()
+        ds.to_zarr(memory, mode="w-", zarr_format=3, consolidated=False)
+        storage.upload(memory, path, storage.store_name(path))
+        return
     if not dask.is_dask_collection(ds):
         ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False)
         return
@@ -368,23 +413,33 @@ def _compute_on_client(client: Any, writes: Any) -> None:
 _OPEN_ATTEMPTS = 20
 
 
-def open_dataset(path: str | os.PathLike, what: str = FORMAT_NAME) -> xr.Dataset:
+def open_dataset(path: Any, what: str = FORMAT_NAME, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """Open a store written by streamem, checking format name, version and checksums.
 
     A store replaced while it is read (:func:`atomic_write` by another
     process) is read again, so the result is the old store or the new one.
-    ``~`` in ``path`` is expanded.
+    ``~`` in ``path`` is expanded. ``path`` may be a URL (opened with
+    ``storage_options``) or a zarr store object; there a store without its
+    root metadata does not exist (an interrupted write, see
+    :mod:`streamem.storage`).
     """
-    path = os.path.expanduser(os.fspath(path))
+    if storage.is_remote(path):
+        where = storage.describe(path)
+        store = storage.open_store(path, storage_options, read_only=True)
+        identity: Callable[[], Any] = lambda: storage.identity(store, where)  # noqa: E731
+        target: Any = store
+    else:
+        where = target = os.path.expanduser(os.fspath(path))
+        identity = lambda: _identity(where)  # noqa: E731
     for attempt in range(_OPEN_ATTEMPTS):
-        before = _identity(path)
+        before = identity()
         try:
-            ds = _open_once(path, what)
+            ds = _open_once(target, what, where, exists=before is not None)
         except (FileNotFoundError, ValueError):
-            if attempt == _OPEN_ATTEMPTS - 1 or before is None or _identity(path) == before:
+            if attempt == _OPEN_ATTEMPTS - 1 or before is None or identity() == before:
                 raise
             continue
-        if attempt == _OPEN_ATTEMPTS - 1 or _identity(path) == before:
+        if attempt == _OPEN_ATTEMPTS - 1 or identity() == before:
             return ds
     raise AssertionError("unreachable")
 
@@ -398,12 +453,23 @@ def _identity(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-def _open_once(path: str, what: str) -> xr.Dataset:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
+def _open_once(target: Any, what: str, path: str, exists: bool) -> xr.Dataset:
+    """Open ``target`` (a local path or a store), named ``path`` in messages."""
+    remote = storage.is_store(target)
+    if not (exists if remote else os.path.exists(path)):
+        raise FileNotFoundError(f"{path!r} does not exist" + (" (no Zarr root metadata there)" if remote else ""))
+    if remote:
+        fmt = (storage.root_attributes(target, path) or {}).get("format")
+        if fmt != what:  # refused before anything else is read (a data set given as a model, say)
+            raise ValueError(f"{path!r} is not a {what} store (its 'format' attribute is {fmt!r})")
     try:
-        ds = xr.open_zarr(path, consolidated=False, chunks=None)
+        if remote:
+            # Every object at once (one listing, concurrent reads), not xarray's one request after another.
+            target = storage.download(target, path) or target
+        ds = xr.open_zarr(target, consolidated=False, chunks=None)
     except Exception as exc:
+        if remote and storage.is_storage_error(exc):
+            raise storage.storage_error(exc, path, target) from None
         raise ValueError(f"{path!r} is not a {what} store (cannot open it as an xarray Zarr store: {exc})") from None
     fmt = ds.attrs.get("format")
     if fmt != what:
@@ -417,6 +483,8 @@ def _open_once(path: str, what: str) -> xr.Dataset:
     try:
         ds = ds.load()
     except Exception as exc:
+        if remote and storage.is_storage_error(exc) and not isinstance(exc, FileNotFoundError):
+            raise storage.storage_error(exc, path, target) from None
         raise ValueError(f"{path!r} is truncated or corrupt: {exc}") from None
     if "checksums" in ds.attrs:
         expected = json.loads(ds.attrs["checksums"])
@@ -433,8 +501,8 @@ def stored_params(model: Any) -> dict[str, Any]:
     return {name: _jsonable(name, getattr(model, name)) for name in names}
 
 
-def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Save a fitted estimator to a Zarr store (see :meth:`MixtureEstimator.save`)."""
+def save_model(model: Any, path: Any, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+    """Save a fitted estimator to a Zarr store: a path, a URL or a zarr store object (see :meth:`MixtureEstimator.save`)."""
     from sklearn.utils.validation import check_is_fitted
 
     import streamem
@@ -472,30 +540,41 @@ def save_model(model: Any, path: str | os.PathLike, *, overwrite: bool = False) 
         "fit_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{f"data_{k}": v for k, v in getattr(model, "fit_data_", {}).items()},
     }
-    write_dataset(ds, path, overwrite=overwrite)
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
 
 
-def load_model(path: str | os.PathLike) -> Any:
+def load_model(path: Any, storage_options: dict[str, Any] | None = None) -> Any:
     """Load a model saved by :meth:`MixtureEstimator.save`: the class is found by the name the file records.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or zarr store
+        A local path, a URL (``s3://``, ``gs://``, ``https://``, ...) or a
+        zarr store object.
+    storage_options : dict, optional
+        Options of the URL's fsspec backend (see :mod:`streamem.storage`).
 
     Raises
     ------
     FileNotFoundError
-        ``path`` does not exist.
+        ``path`` does not exist (at a URL: has no root metadata).
+    OSError
+        A URL's endpoint cannot be reached, or refuses access.
     ValueError
         ``path`` is not a streamem model, is truncated, or was written by a
         newer streamem.
     """
     from streamem.estimators.base import estimator_class
 
-    ds = open_dataset(path)
+    ds = open_dataset(path, storage_options=storage_options)
+    name = storage.describe(path)
     try:
         cls = estimator_class(ds.attrs.get("model_class"))
     except ValueError as exc:
-        raise ValueError(f"{os.fspath(path)!r}: {exc}") from None
+        raise ValueError(f"{name!r}: {exc}") from None
     family_name = ds.attrs.get("family", "gaussian")  # files before other families were Gaussian
     if family_name != cls.family_class.name:
-        raise ValueError(f"{os.fspath(path)!r} names family {family_name!r} but model class {cls.__name__} "
+        raise ValueError(f"{name!r} names family {family_name!r} but model class {cls.__name__} "
                          f"(family {cls.family_class.name!r}): the file is not consistent")  # fmt: skip
     try:
         model = cls(**json.loads(ds.attrs["params"]))
@@ -523,10 +602,10 @@ def load_model(path: str | os.PathLike) -> Any:
         if "n_rows_seen" in ds.attrs:
             model.n_rows_seen_ = int(ds.attrs["n_rows_seen"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: {exc}") from None
+        raise ValueError(f"{name!r} is not a complete streamem model: {exc}") from None
     weights = model.weights_
     if weights.shape != (model.n_components,):
-        raise ValueError(f"{os.fspath(path)!r} is not a complete streamem model: weights have shape {weights.shape}")
+        raise ValueError(f"{name!r} is not a complete streamem model: weights have shape {weights.shape}")
     return model
 
 

@@ -5,13 +5,15 @@ For array jobs on a batch system without a live Dask cluster: each job runs
 few KB) to a Zarr store; one final job runs :func:`reduce_stats` on all of
 them, which sums the statistics and does the M-step. Because statistics are
 additive, the result is one EM iteration of the whole data.
+
+The data and the statistics stores may be URLs (``s3://...``, with
+``storage_options=``) or zarr store objects, as everywhere in streamem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ import xarray as xr
 from streamem.cluster import resolve_scheduler
 from streamem.data import load_data, normalise_location
 from streamem.em import DataPasses, EMRun, _stats_of_models, add_elementwise
+from streamem import storage
 from streamem.io import FORMAT_VERSION, open_dataset, stats_dims, write_dataset
 from streamem.stats import SuffStats, sum_in_order
 
@@ -58,6 +61,7 @@ def accumulate(
     sample_dim: str | None = None,
     missing_chunks: str = "raise",
     client: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> xr.Dataset:
     """Statistics and log-likelihood of rows ``START:STOP`` of ``X`` under ``model``.
 
@@ -77,6 +81,8 @@ def accumulate(
         What a chunk file missing from a Zarr store means (see
         :func:`streamem.data.load_data`).
     client : distributed.Client, optional
+    storage_options : dict, optional
+        Options of the fsspec backend when ``X`` is a URL.
 
     Returns
     -------
@@ -85,7 +91,9 @@ def accumulate(
         rows and the data (normalised source, variable, sample dimension,
         shape, dtype).
     """
-    data = model._load_fitted(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks)
+    data = model._load_fitted(
+        X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks, storage_options=storage_options
+    )
     start, stop = parse_rows(rows, data.n_samples)
     shard = load_data(data.array[start:stop])
     passes = DataPasses(shard, resolve_scheduler(client))
@@ -149,12 +157,18 @@ def _check_same_data(
     return first
 
 
-def write_stats(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    write_dataset(ds, path, overwrite=overwrite)
+def write_stats(
+    ds: xr.Dataset, path: Any, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Write a shard's statistics (from :func:`accumulate`) to a path, a URL or a zarr store object."""
+    write_dataset(ds, path, overwrite=overwrite, storage_options=storage_options)
 
 
-def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
+def reduce_stats(model: Any, paths: Sequence[Any], storage_options: dict[str, Any] | None = None) -> Any:
     """Sum the shards' statistics and do one M-step from ``model``.
+
+    ``paths`` are the statistics stores: paths, URLs (opened with
+    ``storage_options``) or zarr store objects.
 
     Refuses shards computed from another model, shards of different data
     (another source, variable, sample dimension, shape or dtype: a
@@ -169,12 +183,13 @@ def reduce_stats(model: Any, paths: Sequence[str | os.PathLike]) -> Any:
     parts, ranges, totals = [], [], set()
     first_data: tuple[str, DataIdentity] | None = None
     for path in paths:
-        ds = open_dataset(path, FORMAT_NAME)
+        ds = open_dataset(path, FORMAT_NAME, storage_options)
+        shown = storage.describe(path)
         if ds.attrs.get("model_digest") != digest:
-            raise ValueError(f"{os.fspath(path)!r} holds statistics of another model; accumulate them with this one")
-        first_data = _check_same_data(first_data, os.fspath(path), ds.attrs)
+            raise ValueError(f"{shown!r} holds statistics of another model; accumulate them with this one")
+        first_data = _check_same_data(first_data, shown, ds.attrs)
         parts.append(SuffStats({name: np.asarray(ds[name].values, dtype=np.float64) for name in ds.data_vars}))
-        ranges.append((tuple(json.loads(ds.attrs["rows"])), os.fspath(path)))
+        ranges.append((tuple(json.loads(ds.attrs["rows"])), shown))
         totals.add(int(ds.attrs["n_samples_total"]))
     ranges.sort()
     for (a, pa), (b, pb) in zip(ranges, ranges[1:]):

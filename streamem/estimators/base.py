@@ -275,12 +275,13 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         checkpoint: str | os.PathLike | None = None,
         resume: bool = False,
         progress: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> "MixtureEstimator":
         """Fit the mixture by batch or online EM (``algorithm``).
 
         Parameters
         ----------
-        X : array-like, dask array, zarr.Array, path or xarray object
+        X : array-like, dask array, zarr.Array, path, URL, zarr store or xarray object
             Data of shape (n_samples, n_features); see :func:`streamem.data.load_data`.
         y : ignored
         variable : str, optional
@@ -293,14 +294,19 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             fill value instead (stores sparse by design). The prediction
             methods take the same keyword, and ``variable``/``sample_dim``.
         checkpoint : str or os.PathLike, optional
-            A directory where the state of the fit is saved after every
-            iteration of batch EM or pass of online EM (see
-            :mod:`streamem.checkpoint`).
+            A directory (or a URL such as ``s3://bucket/prefix``) where the
+            state of the fit is saved after every iteration of batch EM or
+            pass of online EM (see :mod:`streamem.checkpoint`).
         resume : bool, default=False
             Continue from ``checkpoint`` if it holds a state; a state made for
             other data or other settings is refused with a ValueError.
         progress : bool, default=False
             Show a progress bar over the chunks of every pass.
+        storage_options : dict, optional
+            Options of the fsspec backend for every URL of the call (the
+            data's and the checkpoint's): endpoint, region, credentials (see
+            :mod:`streamem.storage`). Never written anywhere. The prediction
+            methods take it too.
 
         Returns
         -------
@@ -310,10 +316,10 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         continuing = self.warm_start and hasattr(self, "converged_")
         if continuing:
             self.n_rows_seen_ = self._rows_seen()  # before fit_data_ names the new data
-            data = self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks)
+            data = self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks, storage_options=storage_options)
             self._record_fit_data(data)
         else:
-            data = self._load(X, variable, sample_dim, reset=True, missing_chunks=missing_chunks)
+            data = self._load(X, variable, sample_dim, reset=True, missing_chunks=missing_chunks, storage_options=storage_options)
         check_n_samples(data, self.n_components)
         self._check_online_memory(data)
         self._check_initial_parameters(data.n_features)
@@ -323,19 +329,19 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         scheduler = resolve_scheduler(self.client)
         if checkpoint is not None:
             settings, fingerprint = fit_settings(self), data_fingerprint(data, scheduler)
-            prepare_checkpoint(checkpoint)  # a directory it may not use is refused before any work
+            prepare_checkpoint(checkpoint, storage_options)  # a directory it may not use is refused before any work
         runs = None
         start_iter = 0
-        if resume and checkpoint_exists(checkpoint):
+        if resume and checkpoint_exists(checkpoint, storage_options):
             # Refuse a wrong checkpoint before any work starts on the cluster.
-            saved, start_iter = load_checkpoint(checkpoint, settings, fingerprint)
-            family = family.with_settings(prior=checkpoint_prior(checkpoint))  # "default": the hyperparameters the fit computed
+            saved, start_iter = load_checkpoint(checkpoint, settings, fingerprint, storage_options)
+            family = family.with_settings(prior=checkpoint_prior(checkpoint, storage_options))  # "default": the hyperparameters the fit computed
             runs = [_run_from_arrays(family, *state) for state in saved]
         persist = should_persist(self.persist, data.array.nbytes, data.kind == "numpy", scheduler)
         passes = DataPasses(data, scheduler, progress=progress, persist=persist)
 
         def save_state(iteration: int, runs: list[EMRun]) -> None:
-            save_checkpoint(checkpoint, runs, iteration, family, settings, fingerprint)
+            save_checkpoint(checkpoint, runs, iteration, family, settings, fingerprint, storage_options)
 
         rng = check_random_state(self.random_state)
         try:  # the workers let go of persisted chunks however the fit ends
@@ -385,6 +391,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         sample_dim: str | None = None,
         missing_chunks: str = "raise",
         progress: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> "MixtureEstimator":
         """One stepwise EM pass over the rows of ``X``, in their order, in mini-batches of ``batch_size``.
 
@@ -401,7 +408,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
         Parameters
         ----------
-        X, variable, sample_dim, missing_chunks, progress
+        X, variable, sample_dim, missing_chunks, progress, storage_options
             As for :meth:`fit`.
         y : ignored
 
@@ -412,7 +419,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         self._check_parameters()
         first = not hasattr(self, "weights_")
         seen = 0 if first else self._rows_seen()
-        data = self._load(X, variable, sample_dim, reset=first, missing_chunks=missing_chunks)
+        data = self._load(X, variable, sample_dim, reset=first, missing_chunks=missing_chunks, storage_options=storage_options)
         if not first:
             self.n_rows_seen_ = seen  # before fit_data_ names the new data
             self._record_fit_data(data)
@@ -457,6 +464,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         checkpoint: str | os.PathLike | None = None,
         resume: bool = False,
         progress: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> "MixtureEstimator":
         """Fold new rows into the fitted model by stepwise EM, reading only them.
 
@@ -473,7 +481,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
         Parameters
         ----------
-        X, variable, sample_dim, missing_chunks, checkpoint, resume, progress
+        X, variable, sample_dim, missing_chunks, checkpoint, resume, progress, storage_options
             As for :meth:`fit`: the new rows only.
         step_size : float, optional
             A constant step in (0, 1].
@@ -499,7 +507,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0: a fixed number of passes
                 self.fit(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks,
-                         checkpoint=checkpoint, resume=resume, progress=progress)  # fmt: skip
+                         checkpoint=checkpoint, resume=resume, progress=progress, storage_options=storage_options)  # fmt: skip
         except BaseException:
             for name in [name for name in vars(self) if name.endswith("_")]:  # a failed update changes nothing
                 delattr(self, name)
@@ -602,20 +610,25 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             self.weights_init = np.asarray(self.weights_init)[order]
         return self
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    def save(self, path: Any, *, overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> None:
         """Save the fitted model as an xarray Dataset in a Zarr store.
 
-        The store is written under a temporary name and renamed into place.
+        The store is written under a temporary name and renamed into place;
+        at a URL or in a zarr store object it is written with its root
+        metadata last, so it appears complete or not at all (see
+        :mod:`streamem.storage`).
 
         Parameters
         ----------
-        path : str or os.PathLike
+        path : str, os.PathLike, URL or zarr store
         overwrite : bool, default=False
             Replace an existing store; otherwise an existing path is an error.
+        storage_options : dict, optional
+            Options of a URL's fsspec backend (never written into the file).
         """
         from streamem.io import save_model
 
-        save_model(self, path, overwrite=overwrite)
+        save_model(self, path, overwrite=overwrite, storage_options=storage_options)
 
     # -------------------------------------------------------------- helpers
     def _family_settings(self) -> dict[str, Any]:
@@ -712,7 +725,14 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         }
 
     def _load(
-        self, X: Any, variable: str | None, sample_dim: str | None, *, reset: bool, missing_chunks: str = "raise"
+        self,
+        X: Any,
+        variable: str | None,
+        sample_dim: str | None,
+        *,
+        reset: bool,
+        missing_chunks: str = "raise",
+        storage_options: dict[str, Any] | None = None,
     ) -> InputData:
         """Load ``X`` (see :func:`streamem.data.load_data`); at fit record its features, after fit check them.
 
@@ -722,7 +742,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         business, for every kind of input: a refit on input without names
         forgets the old ones.
         """
-        data = load_data(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks)
+        data = load_data(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks, storage_options=storage_options)
         _check_feature_names(self, X, reset=reset)
         if reset:
             self.n_features_in_ = data.n_features
@@ -738,11 +758,16 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         return data
 
     def _load_fitted(
-        self, X: Any, variable: str | None = None, sample_dim: str | None = None, missing_chunks: str = "raise"
+        self,
+        X: Any,
+        variable: str | None = None,
+        sample_dim: str | None = None,
+        missing_chunks: str = "raise",
+        storage_options: dict[str, Any] | None = None,
     ) -> InputData:
         """The input of a prediction method; its keywords are those of :meth:`fit` that describe the data."""
         check_is_fitted(self)
-        return self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks)
+        return self._load(X, variable, sample_dim, reset=False, missing_chunks=missing_chunks, storage_options=storage_options)
 
     def _total_loglik(self, data: InputData) -> float:
         passes = DataPasses(data, "threads" if data.kind == "numpy" else resolve_scheduler(self.client))
