@@ -5,7 +5,9 @@ from k-means labels, k-means++ seeds, random rows, or random numbers, followed
 by one M-step. K-means runs on a uniform random sample of rows drawn from
 every chunk (:func:`sample_index`); when the data have no more rows than the
 sample size the sample is the whole data set, and the result is then
-scikit-learn's own.
+scikit-learn's own. So are random responsibilities then: scikit-learn's
+``rng.uniform(size=(n, K))`` per run, drawn on the client; larger data get
+numbers of their own per row from a Philox stream (:func:`random_resp`).
 
 The passes over all rows (k-means labels, random responsibilities) work on
 slices of each chunk, so that their (rows x K) arrays stay within about
@@ -182,17 +184,35 @@ def random_resp(key: int, first_row: int, n_rows: int, n_components: int) -> np.
     return resp
 
 
-def _random_resp_stats(block: Any, offset: int, payload: tuple[Any, list[int], np.ndarray]) -> list[SuffStats]:
-    """Statistics of uniform random responsibilities (:func:`random_resp`), for every key."""
-    family, keys, center = payload
+def sklearn_random_resp(n_rows: int, n_components: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's random responsibilities of all ``n_rows`` rows: ``rng.uniform(size=(n, K))``, normalised per row."""
+    resp = rng.uniform(size=(n_rows, n_components))
+    resp /= resp.sum(axis=1)[:, np.newaxis]
+    return resp
+
+
+def _resp_rows(source: int | np.ndarray, first_row: int, n_rows: int, n_components: int) -> np.ndarray:
+    """Responsibilities of rows ``first_row`` to ``first_row + n_rows - 1``: from a Philox key, or a slice of all rows' matrix."""
+    if isinstance(source, np.ndarray):
+        return source[first_row : first_row + n_rows]
+    return random_resp(source, first_row, n_rows, n_components)
+
+
+def _random_resp_stats(block: Any, offset: int, payload: tuple[Any, list[int | np.ndarray], np.ndarray]) -> list[SuffStats]:
+    """Statistics of uniform random responsibilities, for every run.
+
+    A run's source is a Philox key (:func:`random_resp`) or the (n, K)
+    matrix of all rows (:func:`sklearn_random_resp`).
+    """
+    family, sources, center = payload
     K = len(center)
     X = to_numpy(block)
     family.check_data(X, offset)
 
-    def one_slice(rows: np.ndarray, start: int, key: int) -> SuffStats:
-        return family.stats_from_resp(rows, random_resp(key, offset + start, len(rows), K), center)
+    def one_slice(rows: np.ndarray, start: int, source: int | np.ndarray) -> SuffStats:
+        return family.stats_from_resp(rows, _resp_rows(source, offset + start, len(rows), K), center)
 
-    return [_sum_over_slices(X, K, lambda rows, start, key=key: one_slice(rows, start, key)) for key in keys]
+    return [_sum_over_slices(X, K, lambda rows, start, src=src: one_slice(rows, start, src)) for src in sources]
 
 
 def initial_params(
@@ -215,7 +235,11 @@ def initial_params(
     Samples are drawn by :func:`sample_index` and do not depend on the
     chunking: ``kmeans`` and ``k-means++`` run on ``sample_size`` rows (all
     rows, without using ``rng``, if there are no more), ``random`` centres its
-    statistics at the mean of ``min(sample_size, 1000)`` rows, and
+    statistics at the mean of ``min(sample_size, 1000)`` rows (its
+    responsibilities are scikit-learn's ``rng.uniform(size=(n, K))`` per run
+    when ``n <= sample_size``: the (n, K) matrices are drawn on the client
+    and travel to the tasks; with more rows, each run draws a Philox key and
+    every row its own numbers, :func:`random_resp`), and
     ``random_from_data`` takes ``n_components`` rows per run (with at most
     :data:`SAMPLE_BLOCK_ROWS` rows that is scikit-learn's
     ``rng.choice(n, n_components, replace=False)``).
@@ -246,11 +270,17 @@ def initial_params(
         stats = passes.run(_hard_assign_stats, (family, centers), add_elementwise)
         return [family.init_params(st, c, n) for st, c in zip(stats, centers)]
     if method == "random":
-        keys = [int(rng.randint(np.iinfo(np.int64).max, dtype=np.int64)) for _ in range(n_runs)]
+        sources: list[int | np.ndarray]
+        if n <= sample_size:
+            # Small enough to hold (as k-means holds its sample): scikit-learn's own draws, run after run.
+            sources = [sklearn_random_resp(n, n_components, rng) for _ in range(n_runs)]
+        else:
+            sources = [int(rng.randint(np.iinfo(np.int64).max, dtype=np.int64)) for _ in range(n_runs)]
+        # The centre only conditions the sums of squares: any rows near the data do.
         sample = draw_sample(passes, min(sample_size, 1000), rng, family.check_data)
         family = family_of_sample(sample)
         center = np.repeat(sample.mean(axis=0, keepdims=True), n_components, axis=0)
-        stats = passes.run(_random_resp_stats, (family, keys, center), add_elementwise)
+        stats = passes.run(_random_resp_stats, (family, sources, center), add_elementwise)
         return [family.init_params(st, center, n) for st in stats]
     if method == "k-means++":
         from sklearn.cluster import kmeans_plusplus

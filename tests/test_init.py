@@ -255,3 +255,60 @@ def test_random_resp_numbers_do_not_depend_on_slicing():
     for cuts in [(0, 1, 100), (0, 3, 37, 38, 100), (0, 99, 100)]:
         parts = [random_resp(key, a, b - a, K) for a, b in zip(cuts[:-1], cuts[1:])]
         assert_array_equal(np.concatenate(parts), whole)
+
+
+# ------------------------------------- random responsibilities as scikit-learn's (issue 17 item 8)
+N_RANDOM = 20_000
+
+
+@pytest.fixture(scope="module")
+def X20k() -> np.ndarray:
+    rng = np.random.RandomState(17)
+    labels = rng.randint(3, size=N_RANDOM)
+    centres = np.array([[0.0, 0.0, 0.0], [4.0, 1.0, -2.0], [-3.0, 5.0, 1.0]])
+    return rng.standard_normal((N_RANDOM, 3)) + centres[labels]
+
+
+@pytest.mark.parametrize("n_init", [1, 2])
+def test_random_init_on_data_within_the_sample_is_sklearns(X20k, tmp_path, n_init):
+    """20k rows (<= init_sample_size) in a Zarr store of irregular-sized chunks: after one iteration
+    from init_params="random" the fit is scikit-learn's, restarts included."""
+    path = write_zarr(tmp_path / "x20k.zarr", X20k, (6000, 3))  # 4 chunks, the last 2,000 rows
+    params = dict(n_components=3, init_params="random", max_iter=1, random_state=5, n_init=n_init)
+    ref = sklearn_fit(X20k, **params)
+    ours = fit_quietly(streamem.GaussianMixture(**params), path)
+    assert_allclose(ours.means_, ref.means_, rtol=0, atol=1e-10)
+    assert_allclose(ours.weights_, ref.weights_, rtol=0, atol=1e-12)
+    assert_allclose(ours.covariances_, ref.covariances_, rtol=0, atol=1e-10)
+    assert abs(ours.lower_bound_ - ref.lower_bound_) < 1e-12
+
+
+def test_random_start_within_the_sample_is_one_draw_of_all_rows(X20k):
+    """The start (before any EM step) is the M-step of rng.uniform(size=(n, K)) per run, whatever the chunking,
+    and the generator is consumed by the runs' matrices in run order."""
+    K, seed = 4, 9
+    rng = np.random.RandomState(seed)
+    expected = []
+    for _ in range(2):
+        resp = rng.uniform(size=(N_RANDOM, K))
+        resp /= resp.sum(axis=1, keepdims=True)
+        nk = resp.sum(axis=0)
+        expected.append((nk / N_RANDOM, resp.T @ X20k / nk[:, None]))
+    for chunks in (7000, (1, 4999, 9000, 6000)):
+        starts = initial_params(_passes(da.from_array(X20k, chunks=(chunks, -1))), GaussianFamily("diag"), K, "random",
+                                np.random.RandomState(seed), n_runs=2)  # fmt: skip
+        for start, (weights, means) in zip(starts, expected):
+            assert_allclose(start.weights, weights, rtol=1e-12)
+            assert_allclose(start.means, means, rtol=1e-11, atol=1e-12)
+
+
+def test_random_start_beyond_the_sample_uses_per_row_streams(X20k):
+    """n > init_sample_size: no (n, K) matrix on the client; each row's numbers come from the run's Philox key."""
+    K, seed, size = 3, 4, 5000
+    start = initial_params(_passes(da.from_array(X20k, chunks=(3000, -1))), GaussianFamily("diag"), K, "random",
+                           np.random.RandomState(seed), sample_size=size)[0]  # fmt: skip
+    key = int(np.random.RandomState(seed).randint(np.iinfo(np.int64).max, dtype=np.int64))
+    u = np.random.Generator(np.random.Philox(key=key)).random((N_RANDOM, K))
+    resp = u / u.sum(axis=1, keepdims=True)
+    nk = resp.sum(axis=0)
+    assert_allclose(start.means, resp.T @ X20k / nk[:, None], rtol=1e-11, atol=1e-12)
