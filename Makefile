@@ -11,8 +11,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# With the plot extra (matplotlib): `streamem plot`, as `make demo` suggests, works in the .venv.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[plot]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

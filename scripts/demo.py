@@ -1,6 +1,9 @@
 """`make demo`: generate a mixture data set as a Zarr store, fit it out of core, report.
 
-Usage: python scripts/demo.py [--n-samples N] [--path data/demo.zarr]
+Usage: python scripts/demo.py [--n-samples N] [--path data/demo.zarr] [--model data/demo-model.zarr]
+
+The fitted model is saved (replacing an older one) for the commands the demo
+prints at the end: ``streamem info``, ``streamem plot``, ``streamem predict``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=8_388_608, help="rows (16 float64 features: 8,388,608 rows = 1 GiB)")
     parser.add_argument("--n-features", type=int, default=16)
     parser.add_argument("--n-components", type=int, default=8)
-    parser.add_argument("--path", default="data/demo.zarr")
+    parser.add_argument("--path", default="data/demo.zarr", help="the data store (reused when it has the asked shape)")
+    parser.add_argument("--model", default="data/demo-model.zarr", help="where the fitted model is saved (replaced)")
     parser.add_argument("--max-iter", type=int, default=100)
     args = parser.parse_args()
 
@@ -67,6 +71,11 @@ def main() -> None:
     print(f"wall time: {wall:.1f} s for {gm.n_data_passes_} passes over the data ({wall / gm.n_data_passes_:.2f} s per pass)")
     print(f"memory of client + scheduler + 2 workers: {baseline / 2**20:,.0f} MiB idle, {mem.peak / 2**20:,.0f} MiB at the peak "
           f"of the fit: the fit added {(mem.peak - baseline) / 2**20:,.0f} MiB for {nbytes / 2**20:,.0f} MiB of data")
+    gm.save(args.model, overwrite=True)
+    print(f"\nsaved the model to {args.model}. Next, with the installed command (or `source .venv/bin/activate` first):")
+    for command in (f"info {args.model}", f"plot {args.model} --data {args.path} --out demo.png",
+                    f"predict {args.model} {args.path} --out data/demo-labels.zarr --proba"):
+        print(f"  .venv/bin/streamem {command}")
 
 
 if __name__ == "__main__":

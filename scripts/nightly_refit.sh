@@ -12,8 +12,12 @@
 #SBATCH --job-name=streamem-refit
 set -euo pipefail
 
-DATA=${1:?usage: [MODE=refit|update] nightly_refit.sh DATA.zarr MODEL_DIR [CONFIG.yaml]}
-MODELS=${2:?usage: [MODE=refit|update] nightly_refit.sh DATA.zarr MODEL_DIR [CONFIG.yaml]}
+if [ $# -lt 2 ] || [ $# -gt 3 ] || [ -z "$1" ] || [ -z "$2" ]; then
+    echo "usage: [MODE=refit|update] [STEP_SIZE=C] [N_COMPONENTS=K] nightly_refit.sh DATA.zarr MODEL_DIR [CONFIG.yaml]" >&2
+    exit 2
+fi
+DATA=$1
+MODELS=$2
 CONFIG=${3:-}
 MODE=${MODE:-refit}
 STREAMEM=${STREAMEM:-streamem}

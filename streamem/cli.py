@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -43,7 +44,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     estimator: bool = True  # passed to the family's estimator, e.g. PoissonMixture(...)
     parse: Callable[[str], Any] | None = None
-    negatable: bool = False  # a bool flag with a --no- form (its default is True)
+    negatable: bool = False  # a bool flag with a --no- form (to turn off a default, or a config's true)
 
 
 def _family_estimators() -> dict[str, type]:
@@ -128,7 +129,8 @@ FIT_OPTIONS = (
     Option("sample_dim", str, "sample dimension of an xarray store (default: the first)", estimator=False),
     Option("missing_chunks", str, MISSING_CHUNKS_HELP, ("raise", "fill"), estimator=False),
     Option("checkpoint", str, "checkpoint directory, written after every M-step", estimator=False),
-    Option("resume", bool, "continue from --checkpoint if it holds a state", estimator=False),
+    Option("resume", bool, "continue from --checkpoint if it holds a state; --no-resume starts afresh (overriding a "
+           "config's resume: true) and replaces the state there", estimator=False, negatable=True),
     Option("init_from", str, "start from this saved model; keep its component labels", estimator=False),
     Option("overwrite", bool, "replace an existing --out", estimator=False),
 )
@@ -151,7 +153,14 @@ _NPY_OPTIONS = ("weights_init", "means_init", "precisions_init", "probs_init", "
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """Read a YAML run configuration; unknown keys and wrong types are errors naming the key."""
+    """Read a YAML run configuration; unknown keys and wrong types are errors naming the key.
+
+    A value is converted to its option's type when that is exact: YAML 1.1
+    reads ``1e-3`` (no dot) as text, which becomes the float 0.001; ``8.0``
+    or ``"8"`` becomes the int 8 and ``0`` the float 0.0; an int is taken as
+    text where text is expected (``variable: 2024``). A key without a value
+    (``null``) is left unset: the option keeps its default.
+    """
     import yaml
 
     try:
@@ -164,22 +173,67 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UsageError(f"--config: {path!r} must hold a mapping of settings, got {type(config).__name__}")
     known = {o.name: o for o in FIT_OPTIONS + CLUSTER_OPTIONS}
+    settings: dict[str, Any] = {}
     for key, value in config.items():
+        if key not in known and key not in EXTRA_KEYS:
+            raise UsageError(f"--config: unknown key {key!r} in {path!r}; allowed: {sorted(known) + sorted(EXTRA_KEYS)}")
+        if value is None:
+            continue
         if key in EXTRA_KEYS:
             if not isinstance(value, EXTRA_KEYS[key]):
                 raise UsageError(f"--config: key {key!r} must be a mapping, got {value!r}")
+            settings[key] = value
             continue
-        if key not in known:
-            raise UsageError(f"--config: unknown key {key!r} in {path!r}; allowed: {sorted(known) + sorted(EXTRA_KEYS)}")
         option = known[key]
-        ok = isinstance(value, option.type) and not (option.type is not bool and isinstance(value, bool))
-        if option.type is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise UsageError(f"--config: key {key!r} must be of type {_type_name(option.type)}, got {value!r}")
+        value = _yaml_value(option, value)
         if option.choices and value not in option.choices:
             raise UsageError(f"--config: key {key!r} must be one of {list(option.choices)}, got {value!r}")
-    return config
+        settings[key] = value
+    return settings
+
+
+def _yaml_value(option: Option, value: Any) -> Any:
+    """A YAML ``value`` as ``option``'s type, where it converts exactly (see :func:`load_config`).
+
+    Raises
+    ------
+    UsageError
+        Naming the key, the type expected and the value given.
+    """
+    types = option.type if isinstance(option.type, tuple) else (option.type,)
+    if isinstance(value, bool):  # YAML's true/false/yes/no: only for a bool option
+        if bool in types:
+            return value
+    elif isinstance(value, types) and not (float in types and isinstance(value, int)):
+        return value
+    else:
+        for kind in types:
+            converted = _convert(kind, value, option.parse)
+            if converted is not None:
+                return converted
+    hint = " (write a number such as 1.0e-3)" if float in types else " (a whole number)" if int in types else ""
+    raise UsageError(f"--config: key {option.name!r} must be of type {_type_name(option.type)}, got {value!r}{hint}")
+
+
+def _convert(kind: type, value: Any, parse: Callable[[str], Any] | None) -> Any:
+    """``value`` (not a bool) as ``kind`` when that is exact, else None."""
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and parse is not None:
+        with contextlib.suppress(ValueError):
+            return parse(value)
+        return None
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if kind is int and isinstance(value, (str, float)):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+            if number.is_integer():
+                return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(number)
+    if kind is str and isinstance(value, int):
+        return str(value)
+    return None
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -373,6 +427,11 @@ def jobqueue_cluster(section: dict[str, Any]) -> Any:
     except (TypeError, ValueError, RuntimeError, OSError) as exc:
         # e.g. "Cluster failed to start: 'ib0' is not a valid network interface. Valid ... are: [...]"
         lines = [line for line in str(exc).splitlines() if line.strip()]
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:  # dask-jobqueue's own message goes on for lines, listing every keyword it passed on
+            raise UsageError(f"--config: the cluster section ({kind}) has an unknown key {unknown.group(1)!r}, which "
+                             f"dask-jobqueue's {classes[kind]} does not take (configs/slurm.yaml and configs/pbs.yaml show "
+                             "the usual keys)") from None  # fmt: skip
         raise UsageError(f"--config: cluster section ({kind}): {lines[0] if lines else type(exc).__name__}") from None
     if jobs:
         cluster.scale(jobs=jobs)
@@ -999,10 +1058,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         # The library's keyword, as the flag that sets it here.
         message = message.replace("missing_chunks='fill'", "--missing-chunks fill")
+        message = _resume_advice(message)
         message = _redact(message, args)
         print(f"streamem {args.command}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resume_advice(message: str) -> str:
+    """A checkpoint refused for other data or settings (streamem.checkpoint), with the ways to start afresh."""
+    if not message.endswith("; refusing to resume"):
+        return message
+    return (f"{message}: give a new --checkpoint directory to start afresh, "
+            "or --no-resume to start afresh and replace the state in this one")
 
 
 def _redact(message: str, args: argparse.Namespace) -> str:

@@ -109,11 +109,15 @@ def _colours(n_components: int) -> list[Any]:
 
 
 def _convergence(model: Any, ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     bounds = np.asarray(model.lower_bounds_)
     ax.plot(np.arange(1, len(bounds) + 1), bounds, marker="o", ms=3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Plain values: near convergence the bounds differ in the 4th digit, and an
+    # offset ("+2.662e1" above the axis) would leave only those digits on the ticks.
+    ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    ax.yaxis.get_major_formatter().set_scientific(False)
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean log-likelihood per sample")
     ax.set_title(f"convergence ({'converged' if model.converged_ else 'not converged'}, {model.n_iter_} iterations)")
@@ -138,9 +142,7 @@ def _scatter(model: Any, sample: np.ndarray, features: tuple[int, int] | None, a
     labels = model.predict(sample)
     covs = model._family().full_covariances(model.covariances_, *model.means_.shape)
     if features is None:
-        centred = sample - sample.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        axes2 = vt[:2].T
+        axes2 = principal_axes(sample, 2)
         names = ("principal axis 1", "principal axis 2")
     else:
         axes2 = np.eye(d)[:, list(features)]
@@ -159,6 +161,21 @@ def _scatter(model: Any, sample: np.ndarray, features: tuple[int, int] | None, a
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title(f"{len(sample):,} random rows by component, 2-sigma ellipses")
+
+
+def principal_axes(sample: np.ndarray, n_axes: int) -> np.ndarray:
+    """The first ``n_axes`` principal axes of ``sample`` as columns (d, n_axes), each signed deterministically.
+
+    An axis's sign is arbitrary (LAPACK may return either), so the picture
+    could come out mirrored from one run or machine to the next. Each axis is
+    turned so that its largest-magnitude component (the first of equals) is
+    positive.
+    """
+    centred = sample - sample.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:n_axes].T.copy()
+    signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
+    return axes * np.where(signs == 0, 1.0, signs)
 
 
 # ---------------------------------------------------------- other families
