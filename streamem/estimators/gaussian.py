@@ -127,7 +127,10 @@ class GaussianMixture(MixtureEstimator):
 
         Every tool built on scikit-learn can then use a model fitted out of
         core: its ``predict``, ``predict_proba``, ``score_samples``,
-        ``sample``, ``bic`` and ``aic`` give what this model's give. The
+        ``sample``, ``bic`` and ``aic`` give what this model's give (except
+        for a model fitted with ``learn_weights=False``: scikit-learn counts
+        its K - 1 free weights, so its BIC is (K - 1) ln n and its AIC
+        2 (K - 1) larger). The
         parameters both classes have are copied (``n_components``,
         ``covariance_type``, ``tol``, ``reg_covar``, ``max_iter``,
         ``n_init``, ``init_params``, ``weights_init``, ``means_init``,
