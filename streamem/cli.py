@@ -287,6 +287,8 @@ def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
     """
     import yaml
 
+    from streamem.storage import _SECRET_NAME
+
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -296,8 +298,9 @@ def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        # Only plain scalars spelled as YAML writes them are converted ("007", "1_000", "0x1f" stay text).
-        if not isinstance(value, (bool, int, float, type(None))) or _yaml_spelling(value) != text.lower():
+        # Only plain scalars spelled as YAML writes them are converted ("007", "1_000", "0x1f" stay text);
+        # secrets always stay text (a numeric password is still a string to the backend).
+        if not isinstance(value, (bool, int, float, type(None))) or _yaml_spelling(value) != text.lower() or _SECRET_NAME.search(key):
             value = text
         *parents, last = key.split(".")
         node = options
@@ -493,11 +496,18 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", sto
         raise UsageError(f"{flag}: cannot write {path!r}: directory {parent!r} is not writable")
 
 
-def _real(path: str | os.PathLike) -> str | None:
-    """One spelling of a local path (symbolic links, ``..`` and trailing separators resolved); None for a URL."""
+def _real(path: str | os.PathLike) -> str:
+    """One spelling of a location, to compare them: a local path with links, ``..`` and trailing separators resolved;
+    a URL as a pseudo-path of its scheme, host and key (HTTP's user name, query and fragment dropped)."""
+    from urllib.parse import urlsplit
+
     path = os.fspath(path)
     if "://" in path and not path.startswith("file://"):
-        return None
+        scheme, rest = path.split("://", 1)
+        if scheme in ("http", "https"):
+            parts = urlsplit(path)
+            rest = parts.netloc.rsplit("@", 1)[-1] + parts.path
+        return "/\0url/" + scheme.lower() + "/" + "/".join(part for part in rest.split("/") if part)
     return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
 
 
@@ -524,8 +534,6 @@ def check_distinct(*places: tuple[str, str | os.PathLike | None], may_hold: Sequ
     given = [(name, os.fspath(path), _real(path)) for name, path in places if path is not None]
     for i, (name_a, a, real_a) in enumerate(given):
         for name_b, b, real_b in given[i + 1:]:
-            if real_a is None or real_b is None:
-                continue
             common = os.path.commonpath([real_a, real_b])
             if real_a == real_b:
                 relation = "is"
@@ -553,6 +561,7 @@ def check_checkpoint(settings: dict[str, Any]) -> str | None:
         ``--resume`` without ``--checkpoint``, or a directory that cannot be used.
     """
     from streamem.checkpoint import prepare_checkpoint
+    from streamem.storage import describe
 
     path = settings.get("checkpoint")
     if path is None:
@@ -562,7 +571,7 @@ def check_checkpoint(settings: dict[str, Any]) -> str | None:
     try:
         prepare_checkpoint(path, settings.get("storage_options"))
     except OSError as exc:
-        raise UsageError(f"--checkpoint: cannot use {path!r}: {describe_os_error(exc)}") from None
+        raise UsageError(f"--checkpoint: cannot use {describe(path)!r}: {describe_os_error(exc)}") from None
     except ValueError as exc:
         raise UsageError(f"--checkpoint: {exc}") from None
     # For root only a read-only file system stops a write, and os.access reports that too.
@@ -596,11 +605,14 @@ def check_performance_report(args: argparse.Namespace, settings: dict[str, Any])
                          "with --workers 0 there is none: give --workers 1 or more, or --scheduler")  # fmt: skip
     if importlib.util.find_spec("bokeh") is None:
         raise UsageError("--performance-report needs bokeh, which draws Dask's report: pip install 'bokeh>=3.1'")
+    if "://" in path and not path.startswith("file://"):
+        raise UsageError("--performance-report: give a local file; Dask writes the report with plain file I/O")
     check_out(path, overwrite=True, flag="--performance-report")
     if os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"--performance-report: {path!r} is a directory; give a file name such as report.html")
     check_distinct(("--performance-report", path), ("--out", getattr(args, "out", None)), ("data", args.data),
-                   ("model", getattr(args, "model", None)))  # fmt: skip
+                   ("model", getattr(args, "model", None)), ("--checkpoint", settings.get("checkpoint")),
+                   ("--config", getattr(args, "config", None)))  # fmt: skip
     return path
 
 
@@ -627,6 +639,9 @@ def performance_report_file(path: str | None, quiet: bool) -> Iterator[None]:
     try:
         report.__exit__(None, None, None)
         os.replace(tmp, path)
+    except OSError as exc:  # the run's result (the model, the predictions) matters more than its report
+        print(f"streamem: warning: performance report not written: {describe_os_error(exc)}", file=sys.stderr)
+        return
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
