@@ -268,9 +268,11 @@ def normalise_location(source: str) -> str:
     A local path has ``~`` expanded and becomes absolute with ``.``, ``..``,
     symbolic links and trailing separators resolved (``os.path.realpath``);
     a ``file://`` URL counts as a local path. Other URLs lose a trailing
-    ``/``, and any user name, password, query or fragment (credentials are
-    never recorded). ``"array"`` (in-memory data, which has no location) stays as it
-    is. Idempotent.
+    ``/`` and any user name or password (credentials are never recorded;
+    an Azure URL keeps its ``container@``), and ``http(s)://`` URLs their
+    query and fragment (object keys keep ``?`` and ``#``: see
+    :func:`streamem.storage.public_url`). ``"array"`` (in-memory data,
+    which has no location) stays as it is. Idempotent.
 
     Parameters
     ----------
@@ -370,6 +372,10 @@ def _traced_zarr(source: Any, shape: tuple[int, ...]) -> tuple[zarr.Array, Any] 
     return inner, source
 
 
+class StoreGoneError(FileNotFoundError):
+    """The store being read was deleted (the array's metadata is gone): raised whatever ``missing_chunks`` says."""
+
+
 class CheckedZarrReader:
     """Reads blocks of a Zarr array, refusing missing chunk files and naming undecodable ones.
 
@@ -379,7 +385,12 @@ class CheckedZarrReader:
     ``"fill"``. An error while decoding is re-raised as a ValueError naming
     the array and the chunk's rows (errors of the store itself, OSError,
     pass through). With sharding, the files are shards: a chunk missing
-    inside a shard that exists reads as the fill value.
+    inside a shard that exists reads as the fill value. For a store that is
+    not local, a missing chunk (with ``"fill"``: every read) also checks that
+    the array's metadata is still there: a store or bucket deleted while
+    it is read is a :class:`StoreGoneError` (a FileNotFoundError naming the
+    store), never missing chunks or the fill value. (The array's own
+    metadata object is asked for: one request per read with ``"fill"``.)
 
     Parameters
     ----------
@@ -412,7 +423,13 @@ class CheckedZarrReader:
         try:
             if self.missing_chunks == "raise":
                 self._check_present(files)
-            return self._read(key, files)
+            block = self._read(key, files)
+            if self.remote and self.missing_chunks == "fill":
+                # A deleted store (or bucket) reads as missing chunks, i.e. as the fill value: not here.
+                self._check_store()
+            return block
+        except StoreGoneError:
+            raise
         except Exception as exc:
             if self.remote and storage.is_storage_error(exc):
                 where = f"X: reading Zarr array {self.location} ({self._rows(files[0]) if files else 'no rows'})"
@@ -456,6 +473,8 @@ class CheckedZarrReader:
 
         for index, present in zip(files, zarr_sync(exist())):
             if not present:
+                if self.remote:
+                    self._check_store()  # the whole store gone, not one chunk
                 raise ValueError(
                     f"X: chunk {self.array.metadata.encode_chunk_key(index)!r} of Zarr array {self.location} "
                     f"({self._rows(index)}) is missing from the store: it was deleted, or a writer was interrupted "
@@ -463,6 +482,26 @@ class CheckedZarrReader:
                     f"fill value, {_plain(self.array.fill_value)!r}, unless write_empty_chunks is on), pass "
                     "missing_chunks='fill' to read missing chunks as the fill value"
                 )
+
+    def _check_store(self) -> None:
+        """Refuse to go on when the array's metadata is gone (the store, or its bucket, was deleted).
+
+        Raises
+        ------
+        StoreGoneError
+            A FileNotFoundError naming the store's URL.
+        """
+        store = self.array.store_path.store
+        where = f"X: Zarr store {storage.store_name(store)}"
+        # The array's own metadata: always there while the array is (a store's root may be an implicit group).
+        prefix = self.array.store_path.path
+        name = storage.ROOT if self.array.metadata.zarr_format == 3 else ".zarray"
+        key = f"{prefix}/{name}" if prefix else name
+        if not storage.run(store.exists(key), where, store):
+            raise StoreGoneError(
+                f"{where} does not exist any more: the metadata of Zarr array {self.location} is gone (the store or "
+                "its bucket was deleted while it was read)"
+            )
 
     def _decode_error(self, files: list[tuple[int, ...]], exc: Exception) -> ValueError:
         """Name the first chunk that fails on its own (the read may have spanned several)."""

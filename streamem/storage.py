@@ -18,9 +18,12 @@ one mapping applies to every URL of a call. Credentials are best left to the
 backend's usual environment and configuration files (for S3: ``AWS_*``
 variables, ``~/.aws``, instance roles). Wherever they come from, they are never
 written: not into a model file, a checkpoint or a statistics store (these
-record the URL without user name, password or query), nor into a log line or
-an error message (:func:`redact` removes the values of options whose name says
-they are secret).
+record the URL without user name or password, and an ``http(s)://`` URL
+without its query: see :func:`public_url`), nor into a log line or an error
+message (:func:`redact` removes the values of options whose name says they
+are secret, and user information of URLs). Credentials written into an
+object-store URL (``s3://KEY:SECRET@bucket/...``; ``gs://``, ``az://`` too)
+are refused before anything is opened (:func:`check_no_credentials`).
 
 Defaults that keep a failure short (:data:`DEFAULT_STORAGE_OPTIONS`, merged
 under the options given, which win key by key): S3 connects within 5 s, waits
@@ -36,20 +39,33 @@ Complete-or-absent on object storage (:func:`write_store`). Object stores
 cannot rename a directory, but a single object appears whole or not at all.
 A Zarr v3 store is known by its root metadata object ``zarr.json``, and
 streamem treats a prefix without it as *absent*. So a store is written as
-follows: (1) a marker object ``.streamem-writing`` is put; (2) when a store
-is replaced (``overwrite=True``, only a store streamem wrote), its root
-``zarr.json`` is deleted first - from then on readers see no store -, then
-its other objects; (3) every array (metadata and chunks) is written; (4) the
-root ``zarr.json`` is put last: the commit; (5) the marker is deleted. A
-write interrupted before (4) leaves no store at the URL (readers get
-``FileNotFoundError``, never half a store), and the next write there removes
-what it left (the marker says it is streamem's); an interrupted overwrite
+follows: (1) a marker object ``.streamem-writing`` is put, holding a token
+unique to this write (on S3 with a conditional put, ``If-None-Match: *``);
+(2) when a store is replaced (``overwrite=True``, only a store streamem
+wrote), its root ``zarr.json`` is deleted first - from then on readers see
+no store -, then its other objects; (3) every array (metadata and chunks) is
+written, the writer refreshing its marker (a heartbeat) at most every
+:data:`HEARTBEAT` seconds as it goes; (4) the root ``zarr.json`` is put
+last - the commit -, only if the marker still holds this write's token and
+no ``zarr.json`` is there (a conditional put on S3); (5) the marker is
+deleted. A write interrupted before (4) leaves no store at the URL (readers
+get ``FileNotFoundError``, never half a store); an interrupted overwrite
 leaves no store either: the old one is gone from step (2). To keep an old
 model readable while its successor is written, save the successor to a new
 URL. Checkpoints need no such gap: each state is a new store and the small
 ``LATEST`` object, replaced in one request after the state is committed,
-names the current one (see :mod:`streamem.checkpoint`). Two processes must
-not write one URL at the same time.
+names the current one (see :mod:`streamem.checkpoint`).
+
+Two writers of one URL. A write that finds another write's marker is
+refused (``FileExistsError``, with ``overwrite=True`` too) while that marker
+is *live*; a *stale* marker - its writer ran on this host and has ended, or
+its last heartbeat is more than :data:`STALE_AFTER` seconds (10 minutes)
+old - is an interrupted write's, and the new write takes the place over and
+removes what it left. A writer whose marker was taken over (it was silent
+too long) stops at its next heartbeat or at its commit, and commits nothing.
+So of two writers one commits, the other is told; a writer silent for more
+than :data:`STALE_AFTER` seconds between two objects (clocks of the two
+machines more than that apart) can lose its place to a newer write.
 """
 
 from __future__ import annotations
@@ -58,6 +74,9 @@ import copy
 import json
 import os
 import re
+import socket
+import time
+import uuid
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -83,11 +102,19 @@ ROOT = "zarr.json"
 _V2_ROOTS = (".zgroup", ".zarray")
 #: The object that marks a prefix as a store streamem is writing (or was, when interrupted).
 WRITING = ".streamem-writing"
+#: Seconds after its last heartbeat a writer's marker counts as abandoned (an interrupted write).
+STALE_AFTER = 600.0
+#: Seconds between a writer's heartbeats (refreshes of its marker while it writes objects).
+HEARTBEAT = 60.0
 #: Option names whose values are secret (matched as parts of the name, case-insensitively).
 _SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|sas|auth|signature|connection_string|cookie", re.I)
 #: The packages fsspec needs for common schemes (named in the error when one is missing).
 _BACKENDS = {"s3": "s3fs (pip install 'streamem[s3]')", "s3a": "s3fs (pip install 'streamem[s3]')", "gs": "gcsfs",
              "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}  # fmt: skip
+#: Azure's schemes: ``CONTAINER@ACCOUNT`` in the netloc is no credential.
+_AZURE = ("az", "abfs", "abfss")
+#: Schemes whose URLs never carry credentials (a user name or password there is refused, see check_no_credentials).
+_NO_USERINFO = ("s3", "s3a", "gs", "gcs", *_AZURE)
 
 
 # ------------------------------------------------------------------ what a location is
@@ -109,13 +136,50 @@ def is_remote(location: Any) -> bool:
 
 
 def public_url(url: str) -> str:
-    """``url`` as it may be shown and recorded: no user name or password, query or fragment, no trailing ``/``.
+    """``url`` as it may be shown and recorded: no credentials, no trailing ``/``.
 
-    A signed URL's query is a credential; so is a password in the netloc.
+    A user name or password in the netloc is dropped, except the container of
+    an Azure URL (``abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/path``: the
+    part before ``@`` names the container there, unless it holds a ``:``).
+    Of ``http(s)://`` URLs the query (a signed URL's signature) and the
+    fragment are dropped too; other schemes keep everything after the netloc,
+    since object keys may hold ``?`` and ``#`` (s3fs keeps them in the key).
     """
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in ("http", "https"):
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+    netloc, slash, path = rest.partition("/")
+    user, at, host = netloc.rpartition("@")
+    if at and not _is_container(scheme, user):
+        netloc = host
+    return f"{scheme}://{netloc}{slash}{path}".rstrip("/")
+
+
+def _is_container(scheme: str, user: str) -> bool:
+    """Whether ``user@`` of a ``scheme`` URL names an Azure container rather than a credential."""
+    return scheme.lower() in _AZURE and ":" not in user
+
+
+def check_no_credentials(url: str) -> None:
+    """Refuse an object-store URL with credentials in it (``s3://KEY:SECRET@bucket/...``).
+
+    s3fs and gcsfs would take them for part of the bucket name, and they
+    would reach messages; the message here does not show them.
+
+    Raises
+    ------
+    ValueError
+        Naming the URL without its credentials.
+    """
+    scheme, _, rest = url.partition("://")
+    user, at, _ = rest.partition("/")[0].rpartition("@")
+    if at and scheme.lower() in _NO_USERINFO and not _is_container(scheme, user):
+        raise ValueError(
+            f"{public_url(url)}: credentials in the URL: pass them as storage options or the backend's environment "
+            f"(a {scheme}:// URL takes no user name or password)"
+        )
 
 
 def describe(location: Any) -> str:
@@ -202,10 +266,16 @@ def store_secrets(store: Any) -> list[str]:
 
 
 def redact(text: str, options: Any = None, store: Any = None) -> str:
-    """``text`` with every secret of ``options`` and ``store`` replaced by ``***``, and URLs without passwords or queries."""
+    """``text`` with every secret of ``options`` and ``store`` replaced by ``***``, and URLs without user
+    information (``user:password@``, ``TOKEN@``; an Azure container stays) or queries."""
     for secret in secrets(options) + (store_secrets(store) if store is not None else []):
         text = text.replace(secret, "***")
-    text = re.sub(r"(://)[^/@\s]*:[^/@\s]*@", r"\1***@", text)  # user:password@
+
+    def userinfo(match: re.Match) -> str:
+        scheme, user = match.group(1), match.group(2)
+        return match.group(0) if _is_container(scheme, user) else f"{scheme}://***@"
+
+    text = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/@\s'\"]*)@", userinfo, text)
     # A query (a signed URL's signature), up to the punctuation that ends the URL in a sentence.
     return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*?(?=[:,;)]?(?:\s|$|['\"]))", r"\1?***", text)
 
@@ -222,6 +292,7 @@ def open_store(location: Any, storage_options: dict[str, Any] | None = None, *, 
     """
     if is_store(location):
         return location
+    check_no_credentials(location)
     options = storage_options_for(location, storage_options)
     scheme = location.split("://", 1)[0].lower()
     try:
@@ -368,26 +439,48 @@ class DeferredRootStore(WrapperStore):
     Everything else is written through at once; reads of the root metadata
     are served from what is held, so a writer (xarray, zarr) sees its group.
     Copies (``with_read_only``, pickles sent to workers) share what is held
-    in this process; workers only write chunks.
+    in this process; workers only write chunks. With the writer's ``marker``
+    (see :func:`write_store`) every copy refreshes it at most every
+    :data:`HEARTBEAT` seconds while it writes, and stops the write when the
+    marker is another writer's.
     """
 
-    def __init__(self, store: Store, held: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self, store: Store, held: dict[str, bytes] | None = None, marker: dict[str, Any] | None = None, where: str = ""
+    ) -> None:
         super().__init__(store)
         self._held = {} if held is None else held
+        self._marker = marker
+        self._where = where
+        self._beaten = time.time()
 
     def _with_store(self, store: Store) -> "DeferredRootStore":
-        return type(self)(store, self._held)
+        return type(self)(store, self._held, self._marker, self._where)
+
+    async def _heartbeat(self) -> None:
+        """Refresh the marker (at most every HEARTBEAT s); refuse to go on when it is not this write's."""
+        now = time.time()
+        if self._marker is None or now - self._beaten < HEARTBEAT:
+            return
+        self._beaten = now
+        current = _parse_marker(await self._store.get(WRITING, default_buffer_prototype()))
+        if current.get("token") != self._marker["token"]:
+            raise FileExistsError(f"{self._where!r}: {_SUPERSEDED}")
+        doc = json.dumps({**self._marker, "updated": now}).encode()
+        await self._store.set(WRITING, default_buffer_prototype().buffer.from_bytes(doc))
 
     async def set(self, key: str, value: Any) -> None:
         if key == ROOT:
             self._held[ROOT] = value.to_bytes()
             return
+        await self._heartbeat()
         await self._store.set(key, value)
 
     async def set_if_not_exists(self, key: str, value: Any) -> None:
         if key == ROOT:
             self._held.setdefault(ROOT, value.to_bytes())
             return
+        await self._heartbeat()
         await self._store.set_if_not_exists(key, value)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
@@ -417,10 +510,118 @@ class DeferredRootStore(WrapperStore):
             yield ROOT
 
     def commit(self, where: str) -> None:
-        """Put the root metadata: from now on the store exists."""
+        """Put the root metadata: from now on the store exists.
+
+        With a marker: only while the marker is still this write's, and only
+        where no root metadata is (a conditional put where the backend has
+        one): of two writers, one commits and the other is refused.
+
+        Raises
+        ------
+        FileExistsError
+            Another writer took the place over, or committed first.
+        """
         if ROOT not in self._held:
             raise ValueError(f"{where}: the write made no root metadata ({ROOT})")
-        write_bytes(self._store, ROOT, self._held[ROOT], where)
+        if self._marker is None:
+            write_bytes(self._store, ROOT, self._held[ROOT], where)
+            return
+        if read_marker(self._store, where).get("token") != self._marker["token"]:
+            raise FileExistsError(f"{where!r}: {_SUPERSEDED}")
+        if not put_new(self._store, ROOT, self._held[ROOT], where):
+            raise FileExistsError(f"{where!r}: another writer committed a store there while this one wrote; nothing of this write was committed")
+
+
+#: Why a write stops when its marker was taken over.
+_SUPERSEDED = ("another writer took this place over while this write ran (its marker is no longer this write's); "
+               "nothing of this write was committed")  # fmt: skip
+
+
+def _parse_marker(buf: Any) -> dict[str, Any]:
+    """A marker's document ({} when there is none or it is not ours to read)."""
+    if buf is None:
+        return {}
+    try:
+        doc = json.loads(buf.to_bytes() if hasattr(buf, "to_bytes") else buf)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_marker(store: Store, where: str) -> dict[str, Any]:
+    """The document of the write marker of ``store`` ({} when there is none)."""
+    return _parse_marker(read_bytes(store, WRITING, where))
+
+
+def new_marker() -> dict[str, Any]:
+    """The marker of a new write: a unique token, who writes (host, process and its start) and when."""
+    now = time.time()
+    return {"writer": "streamem", "token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "started": now, "updated": now}  # fmt: skip
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), to tell a reused pid apart; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def marker_is_stale(marker: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a write marker is abandoned: its writer is gone, or silent too long.
+
+    Stale when it has no heartbeat time (markers of older streamem
+    versions), its last heartbeat is older than :data:`STALE_AFTER`
+    seconds, or its writer ran on this host and that process has ended.
+    """
+    now = time.time() if now is None else now
+    updated = marker.get("updated")
+    if not isinstance(updated, (int, float)) or now - updated > STALE_AFTER:
+        return True
+    if marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
+        return False  # another machine's writer: only its heartbeat tells
+    pid = marker["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process: alive
+    started = _process_start(pid)
+    return started is not None and marker.get("pid_start") is not None and started != marker["pid_start"]
+
+
+def put_new(store: Store, key: str, data: bytes, where: str) -> bool:
+    """Put the object ``key`` unless it exists: True when this call created it.
+
+    S3 (s3fs) uses a conditional put (``If-None-Match: *``), atomic on the
+    server; other stores use ``set_if_not_exists`` (atomic with obstore) and
+    read back what is there: equal bytes count as created.
+    """
+    fs = getattr(store, "fs", None)
+    protocols = getattr(fs, "protocol", ())
+    protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
+    if "s3" in protocols and hasattr(fs, "_pipe_file") and hasattr(store, "path"):
+        path = f"{str(store.path).rstrip('/')}/{key}"
+
+        async def create() -> bool:
+            try:
+                await fs._pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+        try:
+            return run(create(), where, store)
+        except OSError as exc:
+            if "NotImplemented" not in str(exc) and getattr(exc, "errno", None) != 38:
+                raise
+            # An S3-compatible server without conditional puts: the check-then-put below.
+    buf = default_buffer_prototype().buffer.from_bytes(data)
+    run(store.set_if_not_exists(key, buf), where, store)
+    return read_bytes(store, key, where) == data
 
 
 def write_store(
@@ -433,8 +634,10 @@ def write_store(
 ) -> None:
     """Write a Zarr store at a URL or into a store object so that it appears complete or not at all.
 
-    The protocol is the module docstring's: marker, old root deleted, arrays,
-    root metadata last, marker deleted.
+    The protocol is the module docstring's: marker (refused while another
+    writer's is there and not stale), old root deleted, arrays, root
+    metadata last (only while the marker is still this write's, and only
+    where no root metadata is), marker deleted.
 
     Parameters
     ----------
@@ -453,13 +656,45 @@ def write_store(
     Raises
     ------
     FileExistsError
-        A store is there and ``overwrite`` is false.
+        A store is there and ``overwrite`` is false; another write to the
+        place is in progress; or another writer took the place over or
+        committed there while this write ran (then nothing of this write
+        is committed).
     ValueError
         What is there may not be replaced (not a streamem store, objects
         that are not a Zarr store).
     """
     where = describe(location)
     store = open_store(location, storage_options)
+    state, attrs = _check_place(store, where, overwrite, replaceable)
+    marker = _acquire(store, where)
+    try:
+        # Looked at again now that the place is this write's: a store committed meanwhile is not replaced unasked.
+        state, attrs = _check_place(store, where, overwrite, replaceable)
+    except BaseException:
+        _release(store, where, marker)
+        raise
+    if state == "store":
+        run(store.delete(ROOT), where, store)  # from here on readers see no store
+    for name in entries(store, where):  # the old store's objects, or what an interrupted write left
+        if name != WRITING:
+            remove(store, name, where)
+    deferred = DeferredRootStore(store, marker=marker, where=where)
+    try:
+        write(deferred)
+        deferred.commit(where)
+    except BaseException as exc:
+        _clean_up(store, where, marker)
+        if is_storage_error(exc) and not isinstance(exc, OSError):
+            raise storage_error(exc, f"cannot write {where}", store) from None
+        raise
+    _release(store, where, marker)
+
+
+def _check_place(
+    store: Store, where: str, overwrite: bool, replaceable: Callable[[dict[str, Any]], str | None]
+) -> tuple[str, dict[str, Any] | None]:
+    """What is at the place of a write, refused unless it is empty, debris, or a store that may be replaced."""
     state, attrs = store_state(store, where)
     if state == "store" and not overwrite:
         raise FileExistsError(f"{where!r} exists; pass overwrite=True (--overwrite) to replace it")
@@ -468,27 +703,54 @@ def write_store(
     if state == "foreign":
         raise ValueError(f"{where!r} holds objects that are not a Zarr store; streamem writes only to an empty place "
                          "or replaces its own stores: remove them yourself or write elsewhere")  # fmt: skip
-    write_bytes(store, WRITING, json.dumps({"writer": "streamem"}).encode(), where)
-    if state in ("store", "debris"):
-        run(store.delete(ROOT), where, store)  # from here on readers see no store
-        for name in entries(store, where):
-            if name != WRITING:
-                remove(store, name, where)
-    deferred = DeferredRootStore(store)
-    try:
-        write(deferred)
-        deferred.commit(where)
-    except BaseException as exc:
-        _clean_up(store, where)
-        if is_storage_error(exc) and not isinstance(exc, OSError):
-            raise storage_error(exc, f"cannot write {where}", store) from None
-        raise
-    run(store.delete(WRITING), where, store)
+    return state, attrs
 
 
-def _clean_up(store: Store, where: str) -> None:
-    """Remove what a failed write left (best effort: a later write removes it too, the marker says whose it is)."""
+def _acquire(store: Store, where: str) -> dict[str, Any]:
+    """Put this write's marker, or take over an abandoned one; refuse while another write is in progress.
+
+    Raises
+    ------
+    FileExistsError
+        Another writer's marker is there and not stale (:func:`marker_is_stale`).
+    """
+    marker = new_marker()
+    data = json.dumps(marker).encode()
+    if put_new(store, WRITING, data, where):
+        return marker
+    other = read_marker(store, where)
+    if other and not marker_is_stale(other):
+        since = max(0.0, time.time() - float(other.get("started", time.time())))
+        raise FileExistsError(
+            f"{where!r} is being written by another streamem process (pid {other.get('pid')} on "
+            f"{other.get('host')!r}, for {since:.0f} s); writing there is refused until that write ends. If no "
+            f"process writes there any more, its marker {WRITING!r} counts as abandoned {STALE_AFTER:g} s after its "
+            "last heartbeat (at once when that process ran on this host and has ended), or delete that object yourself"
+        )
+    write_bytes(store, WRITING, data, where)  # an abandoned (or unreadable) marker: this write takes over
+    return marker
+
+
+def _owns(store: Store, where: str, marker: dict[str, Any]) -> bool:
+    """Whether the marker at the place is still this write's."""
+    return read_marker(store, where).get("token") == marker["token"]
+
+
+def _release(store: Store, where: str, marker: dict[str, Any]) -> None:
+    """Delete the marker if it is still this write's (a writer that took over keeps its own)."""
+    if _owns(store, where, marker):
+        run(store.delete(WRITING), where, store)
+
+
+def _clean_up(store: Store, where: str, marker: dict[str, Any]) -> None:
+    """Remove what a failed write left (best effort: a later write removes it too, the marker says whose it is);
+    nothing when another writer has taken the place over (what is there is its)."""
     try:
+        if not _owns(store, where, marker):
+            return
+        if read_bytes(store, ROOT, where) is not None:  # another writer committed: leave its store, drop the marker
+            run(store.delete(WRITING), where, store)
+            return
         for name in entries(store, where):
             if name != WRITING:
                 remove(store, name, where)

@@ -144,7 +144,7 @@ def test_predict_out_at_the_model_url_is_refused_as_locally(tmp_path, s3, capsys
     _same(streamem.load(f"{url}/m.zarr", storage_options=options), model, rtol=0)
 
 
-# DEFECT: two writers of one URL, both with overwrite=False: the second takes the first one's in-progress
+# Found by review (fixed): two writers of one URL, both with overwrite=False: the second takes the first one's in-progress
 # objects for "debris" (storage.store_state/write_store), deletes them and commits; the first then commits
 # its root metadata over the second's arrays. Both calls return as saved; the store is corrupt.
 def test_two_writers_with_overwrite_false_never_leave_a_corrupt_store(s3):
@@ -190,7 +190,7 @@ class _DeleteBucketAt(logging.Handler):
             self.fs.rm(self.bucket, recursive=True)
 
 
-# DEFECT: a bucket deleted mid-fit reads as missing chunks (zarr takes s3fs's FileNotFoundError for an absent
+# Found by review (fixed): a bucket deleted mid-fit reads as missing chunks (zarr takes s3fs's FileNotFoundError for an absent
 # key): with missing_chunks="fill" the fit finishes silently on zeros; with "raise" the error blames one chunk and
 # advises missing_chunks='fill'. data.CheckedZarrReader should check the store's root (bucket) and raise
 # FileNotFoundError naming it.
@@ -210,7 +210,7 @@ def test_a_bucket_deleted_mid_fit_is_an_error_naming_it(s3, missing_chunks):
     assert handler.done
 
 
-# DEFECT: credentials written into an s3:// URL leak into messages: s3fs takes `KEY:SECRET@bucket` for a bucket
+# Found by review (fixed): credentials written into an s3:// URL leak into messages: s3fs takes `KEY:SECRET@bucket` for a bucket
 # name, and check_bucket's "bucket '...' does not exist" and botocore's ParamValidationError echo it (redact() only
 # strips `://user:pw@`). Fix: refuse userinfo in s3/gs URLs up front (one line naming the public URL), or redact the
 # given URL's userinfo from every message about it.
@@ -238,7 +238,7 @@ def test_credentials_inside_an_s3_url_appear_in_no_message(tmp_path, s3, capsys)
         assert in_url not in text, text
 
 
-# DEFECT: a token given as the user name of an https URL (`https://TOKEN@host/...`, as with personal access tokens)
+# Found by review (fixed): a token given as the user name of an https URL (`https://TOKEN@host/...`, as with personal access tokens)
 # is shown: storage.redact() strips only `user:password@`, and cli.check_checkpoint prints the raw --checkpoint
 # URL ("cannot use 'http://TOKEN@host/ck'"). Fix: redact any userinfo; storage.describe(path) in check_checkpoint.
 def test_a_token_as_url_user_name_appears_in_no_message(tmp_path, http_dir, capsys):
@@ -252,7 +252,7 @@ def test_a_token_as_url_user_name_appears_in_no_message(tmp_path, http_dir, caps
     assert token not in storage.redact(f"cannot read https://{token}@example.org/data.zarr: 403")
 
 
-# DEFECT: storage.public_url (and so normalise_location, fit_data_["source"], statistics' data_source, messages)
+# Found by review (fixed): storage.public_url (and so normalise_location, fit_data_["source"], statistics' data_source, messages)
 # cuts an object key at '#' or '?', which s3fs keeps as part of the key: data at s3://b/run#1/data.zarr are recorded
 # as s3://b/run, so reduce_stats takes shards of two different data sets for one. Strip query/fragment for
 # http(s) only; for other schemes keep the path fsspec uses.
@@ -272,7 +272,7 @@ def test_keys_with_hash_are_recorded_whole_and_shards_of_other_data_refused(tmp_
     assert model.fit_data_["source"] == first
 
 
-# DEFECT: adlfs URLs name the container in the netloc (abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/path);
+# Found by review (fixed): adlfs URLs name the container in the netloc (abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/path);
 # public_url drops everything before '@' as if it were a password, so the recorded source loses the container.
 def test_an_azure_url_keeps_its_container():
     url = "abfs://weather@myaccount.dfs.core.windows.net/era5/data.zarr"
