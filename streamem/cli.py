@@ -300,7 +300,9 @@ def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
             value = text
         # Only plain scalars spelled as YAML writes them are converted ("007", "1_000", "0x1f" stay text);
         # secrets always stay text (a numeric password is still a string to the backend).
-        if not isinstance(value, (bool, int, float, type(None))) or _yaml_spelling(value) != text.lower() or _SECRET_NAME.search(key):
+        if not isinstance(value, (bool, int, float, type(None))) or _yaml_spelling(value) != text.lower() or (
+            _SECRET_NAME.search(key) and value is not None
+        ):
             value = text
         *parents, last = key.split(".")
         node = options
