@@ -3,7 +3,7 @@
 Real components only: moto's S3 server on 127.0.0.1 (in this process, through
 s3fs), a local ``http.server`` serving Zarr directories, one 2-worker
 LocalCluster (module fixture, reached with ``--scheduler``), Debian's SLURM
-daemons when installed. Tests marked ``# DEFECT:`` fail on purpose on the code
+daemons when installed. Tests marked ``# Found by review (fixed):`` fail on purpose on the code
 under review; the others add coverage of what works.
 """
 
@@ -125,7 +125,7 @@ def _same(a, b, rtol: float = 1e-12) -> None:
 
 
 # ------------------------------------------------------------------ defects: object storage
-# DEFECT: check_distinct (cli.py) skips every URL (`_real` returns None), so `predict --out URL --overwrite`
+# Found by review (fixed): check_distinct (cli.py) skips every URL (`_real` returns None), so `predict --out URL --overwrite`
 # with --out the model's URL replaces the model by the predictions (locally the same command is refused).
 def test_predict_out_at_the_model_url_is_refused_as_locally(tmp_path, s3, capsys):
     url, options, _ = s3
@@ -280,7 +280,7 @@ def test_an_azure_url_keeps_its_container():
     assert storage.describe(url) == url
 
 
-# DEFECT: cli.storage_option_flags turns digit-only values into ints, secrets included ("secret=007" stays text,
+# Found by review (fixed): cli.storage_option_flags turns digit-only values into ints, secrets included ("secret=007" stays text,
 # "secret=12345678" does not): botocore then fails with "sequence item 0: expected str instance, int found".
 # Keep the values of secret-named options (storage._SECRET_NAME) as text.
 def test_numeric_credentials_given_as_flags_stay_text(tmp_path, s3, capsys):
@@ -298,7 +298,7 @@ def _fit_args(data: str, out: str, address: str) -> list[str]:
     return ["fit", data, "--out", out, "--n-components", "2", "--max-iter", "2", "--scheduler", address, "--quiet"]
 
 
-# DEFECT: check_performance_report accepts an s3:// report path (check_out probes the bucket), but
+# Found by review (fixed): check_performance_report accepts an s3:// report path (check_out probes the bucket), but
 # performance_report_file writes it with os.replace to a local directory named "s3:" under the current
 # directory and then says "wrote performance report s3://...". Write it through fsspec
 # (distributed.performance_report takes storage_options) or refuse URLs before any work.
@@ -315,7 +315,7 @@ def test_performance_report_at_a_url_goes_to_the_url(tmp_path, s3, scheduler, mo
     assert code == 2 or fs.exists(f"{url.removeprefix('s3://')}/report.html")
 
 
-# DEFECT: check_performance_report's check_distinct leaves out --checkpoint: with the report at the checkpoint
+# Found by review (fixed): check_performance_report's check_distinct leaves out --checkpoint: with the report at the checkpoint
 # directory the whole fit runs, then os.replace fails ("Is a directory") and the model is never saved.
 # (Also: the report is written before model.save, so any failure to write it loses the fitted model.)
 def test_performance_report_at_the_checkpoint_is_refused_before_the_fit(tmp_path, scheduler, capsys):
@@ -328,7 +328,7 @@ def test_performance_report_at_the_checkpoint_is_refused_before_the_fit(tmp_path
     assert not os.path.exists(os.path.join(ck, "LATEST")), "refused only after the fit ran"
 
 
-# DEFECT: nor --config: `--config run.yaml --performance-report run.yaml` replaces the user's configuration
+# Found by review (fixed): nor --config: `--config run.yaml --performance-report run.yaml` replaces the user's configuration
 # by Dask's HTML report, silently (exit 0).
 def test_performance_report_does_not_replace_the_config_file(tmp_path, scheduler):
     _write(str(tmp_path / "data.zarr"), make_data(900))
