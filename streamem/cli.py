@@ -13,10 +13,11 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -361,6 +362,9 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
                     yield client
             except clusters.ClusterError as exc:
                 raise UsageError(f"--scheduler {address}: {exc}") from None
+            except KeyboardInterrupt:
+                _quiet_shutdown()
+                raise
         return
     # A scheduler we start fails tasks no worker could take for this long
     # (all workers gone, none coming back) instead of keeping them.
@@ -387,11 +391,12 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
                 yield None
                 return
             try:
-                cluster = local_cluster(
-                    n_workers=n_workers,
-                    threads_per_worker=settings.get("threads_per_worker", 1),
-                    memory_limit=settings.get("memory_limit", "auto"),
-                )
+                with _interrupts_ignored():
+                    cluster = local_cluster(
+                        n_workers=n_workers,
+                        threads_per_worker=settings.get("threads_per_worker", 1),
+                        memory_limit=settings.get("memory_limit", "auto"),
+                    )
             except (RuntimeError, OSError, TimeoutError) as exc:  # e.g. "Nanny failed to start."
                 cause = f" ({str(exc.__cause__).splitlines()[0]})" if exc.__cause__ and str(exc.__cause__) else ""
                 raise UsageError(f"{where}: its workers did not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{cause}") from None
@@ -402,6 +407,38 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
                 yield client
         except clusters.ClusterError as exc:
             raise UsageError(f"{where}: {exc}") from None
+        except KeyboardInterrupt:
+            _quiet_shutdown()
+            raise
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the LocalCluster's worker processes start: they inherit that and never see a Ctrl-C.
+
+    A Ctrl-C at the terminal goes to every process of the foreground group;
+    each worker would print a KeyboardInterrupt traceback. Ignored at their
+    start (a disposition a new process keeps, where a handler or a blocked
+    mask would not reach it), they leave the interrupt to this process,
+    which stops them. A Ctrl-C during the start itself (a second or two)
+    is ignored too.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_shutdown() -> None:
+    """After a Ctrl-C: no log lines from the client's interrupted tasks and the cluster's shutdown (one line says it all)."""
+    for name in ("asyncio", "distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def jobqueue_cluster(section: dict[str, Any]) -> Any:
@@ -679,7 +716,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
     report = check_performance_report(args, settings)
     where = data_keywords(settings)
-    streamem.load_data(args.data, **where)  # fail before the cluster starts
+    data = streamem.load_data(args.data, **where)  # lazy: fail before the cluster starts
     old = streamem.load(settings["init_from"], storage_options=options) if settings.get("init_from") else None
     cls = fit_estimator_class(args, settings, old)
     kwargs = {o.name: settings[o.name] for o in FIT_OPTIONS if o.estimator and o.name in settings}
@@ -696,7 +733,14 @@ def cmd_fit(args: argparse.Namespace) -> None:
     kwargs.setdefault("verbose_interval", 1)
     model = cls(verbose=0 if args.quiet else 1, **kwargs)
     model._check_parameters()  # a bad setting is refused before the cluster starts
+    check_fit_inputs(args, settings, model, data, old)
     checkpoint = check_checkpoint(settings)  # last: it creates the directory
+    start = resume_point(settings, model, data)  # a checkpoint of another fit is refused now too
+    if start is not None:
+        from streamem.storage import describe
+
+        _say(args.quiet, f"resumed from checkpoint {describe(checkpoint)} at iteration {start}")  # a URL without credentials
+    progress = fit_progress(args, model, start)
     with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         model.set_params(client=client)
         tic = time.perf_counter()
@@ -707,15 +751,106 @@ def cmd_fit(args: argparse.Namespace) -> None:
                 **where,
                 checkpoint=checkpoint,
                 resume=bool(settings.get("resume")),
-                progress=_progress(args),
+                progress=progress,
             )
         seconds = time.perf_counter() - tic
     model.client = None
     if old is not None:  # components that swapped places during EM get their old labels back
-        model.permute_components(match_components(old, model))
+        order = match_components(old, model)
+        _say(args.quiet, describe_matching(old, model, order))
+        model.permute_components(order)
     model.save(args.out, overwrite=bool(settings.get("overwrite")), storage_options=options)
     _say(args.quiet, f"fitted in {seconds:.1f} s: {model.n_iter_} iterations, converged={model.converged_}, "
          f"mean log-likelihood {model.lower_bound_:.6f}; saved {args.out}")
+
+
+def check_fit_inputs(args: argparse.Namespace, settings: dict[str, Any], model: Any, data: Any, old: Any) -> None:
+    """Refuse, before any cluster starts, what the fit would refuse on meeting the data (read lazily: shape only).
+
+    Data with other features than the ``--init-from`` model, fewer rows
+    than components, ``*_init`` arrays of another shape than the
+    components and features need (naming the ``.npy`` file), a prior for
+    other features, an incremental fit too large for memory.
+
+    Raises
+    ------
+    UsageError, ValueError
+        A ValueError is the library's, put in command-line words by :func:`cli_words`.
+    """
+    from streamem.data import check_n_samples
+
+    if old is not None and old.n_features_in_ != data.n_features:
+        raise UsageError(f"--init-from: the model {settings['init_from']!r} has {old.n_features_in_} features, "
+                         f"the data {args.data!r} {data.n_features}")  # fmt: skip
+    check_n_samples(data, model.n_components)
+    try:
+        model._check_initial_parameters(data.n_features)
+    except ValueError as exc:
+        shape = re.match(r"(\w+_init) must have shape (\(.*?\)), got (\(.*?\))", str(exc))
+        if shape is None or shape[1] not in settings:
+            raise
+        raise UsageError(f"{_origin(args, shape[1])}: {settings[shape[1]]!r} holds an array of shape {shape[3]}, but "
+                         f"{model.n_components} components and data of {data.n_features} features need shape {shape[2]}") from None  # fmt: skip
+    model._check_online_memory(data)
+
+
+def resume_point(settings: dict[str, Any], model: Any, data: Any) -> int | None:
+    """The iteration a ``--resume`` fit continues from; None when it starts afresh (no ``--resume``, or no state yet).
+
+    The checkpoint's state is checked against this fit (settings and data)
+    now, before any cluster starts, as the fit will check it.
+
+    Raises
+    ------
+    ValueError
+        A checkpoint made for other data or settings (the fit's own refusal).
+    """
+    from streamem.checkpoint import checkpoint_exists, data_fingerprint, fit_settings, load_checkpoint
+
+    path, options = settings.get("checkpoint"), settings.get("storage_options")
+    if not settings.get("resume") or path is None or not checkpoint_exists(path, options):
+        return None
+    # The fingerprint reads the first and last rows only.
+    _, iteration = load_checkpoint(path, fit_settings(model), data_fingerprint(data), options)
+    return iteration
+
+
+def fit_progress(args: argparse.Namespace, model: Any, start: int | None) -> Any:
+    """What the fit's progress bars say (``initialisation pass 1/2``, ``iteration 3``, ``pass 2 (stepwise)``); False without bars."""
+    from streamem.em import Progress
+
+    if not _progress(args):
+        return False
+    return Progress(init_passes=None if start is not None else init_passes(model), first_pass=(start or 0) + 1)
+
+
+def init_passes(model: Any) -> int:
+    """How many data passes ``model``'s initialisation makes (as MixtureEstimator._initial_runs and streamem.init do).
+
+    A sample pass where a sample is drawn (k-means, k-means++, random, and
+    for ``prior="default"``'s hyperparameters) and a statistics pass (k-means,
+    random), or a pass gathering ``random_from_data``'s rows; none when
+    the ``*_init`` arrays make complete parameters (``--init-from``), but
+    for the prior's sample.
+    """
+    default_prior = isinstance(model.prior, str)
+    if model._user_params(model._family(fitted=False), None) is not None:  # complete initial parameters given
+        return int(default_prior)
+    return {"kmeans": 2, "random": 2, "k-means++": 1, "random_from_data": 1 + int(default_prior)}[model.init_params]
+
+
+def describe_matching(old: Any, model: Any, order: np.ndarray) -> str:
+    """How the fit's components were matched to the ``--init-from`` model's (``order`` from match_components).
+
+    Names the total matching cost (the family's symmetric divergence, summed
+    over matched pairs: 0 for a fit that did not move) and every component
+    whose label changes.
+    """
+    cost = model._family().divergence(old._params(), model._params())
+    total = float(sum(cost[k, j] for k, j in enumerate(order)))
+    moved = [f"{j} -> {k}" for k, j in enumerate(order) if j != k]
+    where = f"relabelled {', '.join(moved)} (fitted -> old label)" if moved else "none moved"
+    return f"components matched to --init-from's by symmetric KL divergence: total cost {total:.4g}; {where}"
 
 
 def _estimator_params(cls: type) -> set[str]:
@@ -801,12 +936,14 @@ def cmd_update(args: argparse.Namespace) -> None:
     report = check_performance_report(args, settings)
     model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
-    streamem.load_data(args.data, **where)  # fail before the cluster starts
+    # Lazy, before the cluster starts: the model's own loading, so data with other features are refused now.
+    model._load_fitted(args.data, **where)
     if args.passes < 1:
         raise UsageError(f"--passes must be >= 1, got {args.passes}")
-    checkpoint = check_checkpoint(settings)  # last: it creates the directory
     if "batch_size" in settings:
         model.set_params(batch_size=settings["batch_size"])
+    check_update_settings(model, settings.get("step_size"))
+    checkpoint = check_checkpoint(settings)  # last: it creates the directory
     rows_before = model._rows_seen()
     with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         model.set_params(client=client, verbose=0 if args.quiet else 1, verbose_interval=1)
@@ -827,6 +964,22 @@ def cmd_update(args: argparse.Namespace) -> None:
          f"mean log-likelihood {model.lower_bound_:.6f} (online average over the pass); saved {args.out}")
 
 
+def check_update_settings(model: Any, step_size: float | None) -> None:
+    """Refuse a ``--batch-size`` or ``--step-size`` that ``update`` would refuse, before any cluster starts.
+
+    Raises
+    ------
+    ValueError
+        The estimator's, put in command-line words by :func:`cli_words`.
+    """
+    from sklearn.base import clone
+
+    trial = clone(model).set_params(algorithm="stepwise")
+    if step_size is not None:
+        trial.set_params(step_size=step_size)
+    trial._check_parameters()
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     import xarray as xr
 
@@ -844,7 +997,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     # The model loads the data itself: its feature checks (and feature alignment) apply,
     # and an xarray input gives results carrying its sample coordinates. Lazy: fails before the cluster starts.
     data = model._load_fitted(args.data, **where)
-    with dask_client(settings, args.quiet), performance_report_file(report, args.quiet):
+    with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         variables = {"labels": _as_dataarray(model.predict(args.data, **where))}
         if args.proba:
             variables["proba"] = _as_dataarray(model.predict_proba(args.data, **where), "component")
@@ -852,8 +1005,67 @@ def cmd_predict(args: argparse.Namespace) -> None:
             variables["log_likelihood"] = _as_dataarray(model.score_samples(args.data, **where))
         ds = xr.Dataset(variables)
         ds.attrs = {"model": normalise_location(args.model), "data_source": data.source}
-        write_dataset(ds, args.out, overwrite=args.overwrite, checksum=False, storage_options=options)
+        with write_progress(_progress(args), client, len(variables) * data.array.numblocks[0], "predict"):
+            write_dataset(ds, args.out, overwrite=args.overwrite, checksum=False, storage_options=options)
     _say(args.quiet, f"wrote {', '.join(variables)} for {data.n_samples:,} rows to {args.out}")
+
+
+#: The tasks of ``dask.array.store`` (which xarray's ``to_zarr`` uses) that write one chunk each.
+WRITE_TASK_PREFIX = "store-map"
+
+
+@contextlib.contextmanager
+def write_progress(show: bool, client: Any, total: int, label: str) -> Iterator[None]:
+    """A progress bar over the chunk writes of the block (``predict``'s output), moving as each chunk is written.
+
+    ``total`` chunks. Without a client the local scheduler's callbacks count
+    the write tasks; with one, the scheduler's count of write tasks finished
+    (as the dashboard shows them) is read a few times a second.
+    """
+    if not show:
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=label, unit="chunk", leave=False, dynamic_ncols=True) as bar:
+        if client is None:
+            with _local_write_ticks(bar):
+                yield
+            return
+        start = client.run_on_scheduler(_writes_done)
+        stop = threading.Event()
+
+        def poll() -> None:
+            with contextlib.suppress(Exception):  # the bar is a courtesy: a failed poll ends it, not the run
+                while not stop.wait(0.25):
+                    bar.n = min(total, client.run_on_scheduler(_writes_done) - start)
+                    bar.refresh()
+
+        watcher = threading.Thread(target=poll, name="streamem-write-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+
+
+def _writes_done(dask_scheduler: Any) -> int:
+    """On the scheduler: how many chunk-write tasks have finished (or failed) since it started."""
+    prefix = dask_scheduler.task_prefixes.get(WRITE_TASK_PREFIX)
+    return 0 if prefix is None else int(prefix.state_counts["memory"] + prefix.state_counts["erred"])
+
+
+def _local_write_ticks(bar: Any) -> Any:
+    from dask.callbacks import Callback
+    from dask.utils import key_split
+
+    class Ticks(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+            if key_split(key) == WRITE_TASK_PREFIX:
+                bar.update(1)
+
+    return Ticks()
 
 
 def _as_dataarray(result: Any, *extra: str) -> Any:
@@ -869,12 +1081,13 @@ def _as_dataarray(result: Any, *extra: str) -> Any:
 
 def cmd_score(args: argparse.Namespace) -> None:
     import streamem
+    from streamem.em import Progress, progress_bars
 
     settings = merged_settings(args)
     model = streamem.load(args.model, storage_options=settings.get("storage_options"))
     # Through the model's own loading, so its feature checks (and alignment) apply; before the cluster starts.
     data = model._load_fitted(args.data, **data_keywords(settings))
-    with dask_client(settings, args.quiet):
+    with dask_client(settings, args.quiet), progress_bars(Progress(label="score") if _progress(args) else False):
         total = model._total_loglik(data)
     n = data.n_samples
     p = model._family().n_parameters(model.n_components, model.n_features_in_)
@@ -930,7 +1143,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_accumulate(args: argparse.Namespace) -> None:
     import streamem
-    from streamem.mapreduce import accumulate, write_stats
+    from streamem.em import Progress, progress_bars
+    from streamem.mapreduce import accumulate, parse_rows, write_stats
 
     settings = merged_settings(args)
     options = settings.get("storage_options")
@@ -938,8 +1152,10 @@ def cmd_accumulate(args: argparse.Namespace) -> None:
     check_distinct(("--out", args.out), ("data", args.data), ("model", args.model))
     model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
-    model._load_fitted(args.data, **where)  # lazy: fail before the cluster starts
-    with dask_client(settings, args.quiet) as client:
+    data = model._load_fitted(args.data, **where)  # lazy: fail before the cluster starts
+    parse_rows(args.rows, data.n_samples)  # --rows too, against the data's rows
+    bars = Progress(label="accumulate") if _progress(args) else False
+    with dask_client(settings, args.quiet) as client, progress_bars(bars):
         ds = accumulate(model, args.data, rows=args.rows, **where, client=client)
     write_stats(ds, args.out, overwrite=args.overwrite, storage_options=options)
     _say(args.quiet, f"wrote statistics of rows {ds.attrs['rows']} to {args.out}")
@@ -970,13 +1186,71 @@ def _load_npy(name: str, path: str) -> np.ndarray:
 
 
 # -------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamem", description="Out-of-core EM for mixture models on Dask + Zarr.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line on stderr, exit status 2: ``streamem fit: error: ... (see streamem fit --help)``.
 
-    def command(name: str, func: Any, help: str, cluster: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    argparse prints the whole usage (some twenty lines for ``fit``) before
+    the error; the error alone says what is wrong, ``--help`` the rest.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandsFormatter(argparse.HelpFormatter):
+    """argparse's help, measuring the subcommands at the indent they are shown at (it wraps ``accumulate``'s line otherwise)."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            indent = self._current_indent + self._indent_increment
+            self._action_max_length = max(self._action_max_length, indent + max(map(len, action.choices)))
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand ``command`` (the top-level parser when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the closest flag of ``parser`` for a misspelled one."""
+    import difflib
+
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1) if extra.startswith("-") else []
+        if close:
+            return f"{message}; did you mean {close[0]}?"
+    return message
+
+
+MODEL_HELP = "model store written by fit, update or reduce (a path or URL)"
+DATA_HELP = "the data: a Zarr array, or a Zarr group / xarray store with --variable (a path or URL)"
+COMMANDS = {  # one line each in ``streamem --help``; the command's own --help says more
+    "fit": "fit a mixture model to data and save it",
+    "update": "fold new rows into a saved model (online EM)",
+    "predict": "write every row's component (and --proba, --score)",
+    "score": "print log-likelihood, BIC and AIC of a model on data",
+    "accumulate": "write one shard's statistics (map step)",
+    "reduce": "sum shards' statistics: one EM iteration",
+    "info": "print a summary of a saved model",
+    "generate": "write synthetic Gaussian-mixture data",
+    "plot": "draw the convergence curve and the components",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamem", description="Out-of-core EM for mixture models on Dask + Zarr.", formatter_class=_CommandsFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                help="one of these; streamem COMMAND --help says more")
+
+    def command(name: str, func: Any, description: str, cluster: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=COMMANDS[name], description=description)
         p.set_defaults(func=func)
         p.add_argument("--quiet", "-q", action="store_true", help="no progress or log output")
         if name != "generate":  # every command that reads or writes stores takes URLs
@@ -986,68 +1260,74 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", help="YAML file of settings (flags override it)")
         return p
 
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
+        p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
+        p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
+
     p = command("fit", cmd_fit, "fit a mixture of --family components to DATA and save it to --out", cluster=True)
-    p.add_argument("data", help="Zarr store (array, or group with --variable)")
+    p.add_argument("data", help=DATA_HELP)
     p.add_argument("--out", required=True, help="model store to write (Zarr)")
     _add_options(p.add_argument_group("model"), FIT_OPTIONS)
 
     p = command("update", cmd_update, "fold the new rows in DATA into MODEL by stepwise EM (a running average over all rows seen, "
                 "or --step-size); keep its component labels; save to --out", cluster=True)
     p.add_argument("model", help="model store to start from (Zarr)")
-    p.add_argument("data", help="the new rows only: Zarr store (array, or group with --variable)")
-    p.add_argument("--out", required=True, help="updated model store to write (Zarr)")
+    p.add_argument("data", help="the new rows only: " + DATA_HELP.removeprefix("the data: "))
+    p.add_argument("--out", required=True, help="updated model store to write (Zarr; may be MODEL, to update in place)")
     p.add_argument("--passes", type=int, default=1, help="passes over the new rows (default 1)")
     _add_options(p.add_argument_group("online EM"), [o for o in FIT_OPTIONS if o.name in UPDATE_OPTIONS])
 
-    for name, func, help in (("predict", cmd_predict, "write labels (and --proba, --score) for every row of DATA"),
-                             ("score", cmd_score, "print mean log-likelihood, BIC and AIC of MODEL on DATA"),
-                             ("accumulate", cmd_accumulate, "write one shard's sufficient statistics under MODEL")):
-        p = command(name, func, help, cluster=True)
-        p.add_argument("model")
-        p.add_argument("data")
-        p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
-        p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
-        p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
-        if name != "score":
-            p.add_argument("--out", required=True)
-            p.add_argument("--overwrite", action="store_true")
+    for name, func, description in (
+        ("predict", cmd_predict, "write labels (and --proba, --score) for every row of DATA to the Zarr store --out"),
+        ("score", cmd_score, "print mean log-likelihood, BIC and AIC of MODEL on DATA"),
+        ("accumulate", cmd_accumulate, "write the sufficient statistics of rows --rows of DATA under MODEL (one shard of "
+         "an EM iteration; reduce sums the shards)"),
+    ):
+        p = command(name, func, description, cluster=True)
+        p.add_argument("model", help=MODEL_HELP)
+        p.add_argument("data", help=DATA_HELP)
+        data_options(p)
     p = sub.choices["predict"]
+    p.add_argument("--out", required=True, help="Zarr store to write: labels (sample), and proba, log_likelihood")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--proba", action="store_true", help="also write responsibilities (sample, component)")
     p.add_argument("--score", action="store_true", help="also write each row's log-likelihood")
-    sub.choices["accumulate"].add_argument("--rows", help="START:STOP (default: all rows)")
+    p = sub.choices["accumulate"]
+    p.add_argument("--out", required=True, help="statistics store to write (Zarr), for reduce")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--rows", metavar="START:STOP", help="rows of DATA this shard covers, 0-based, STOP excluded (default: all rows)")
     for name in ("fit", "update", "predict"):
         sub.choices[name].add_argument("--performance-report", metavar="FILE.html", help=PERFORMANCE_REPORT_HELP)
 
-    p = command("reduce", cmd_reduce, "sum shards' statistics and do one M-step from --model")
-    p.add_argument("stats", nargs="+", help="statistics stores written by accumulate")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p = command("reduce", cmd_reduce, "sum the statistics of the shards written by accumulate and do one M-step from --model")
+    p.add_argument("stats", nargs="+", help="statistics stores written by accumulate, one per shard")
+    p.add_argument("--model", required=True, help="the model the shards were accumulated under")
+    p.add_argument("--out", required=True, help="model store to write (Zarr; may be --model, to iterate in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    p = command("info", cmd_info, "print a summary of a saved model")
-    p.add_argument("model")
+    p = command("info", cmd_info, "print a summary of a saved model: family, settings, fit, parameters")
+    p.add_argument("model", help=MODEL_HELP)
 
-    p = command("generate", cmd_generate, "write synthetic Gaussian-mixture data to a Zarr store")
-    p.add_argument("out")
-    p.add_argument("--n-samples", type=int, default=1_000_000)
-    p.add_argument("--n-features", type=int, default=16)
-    p.add_argument("--n-components", type=int, default=8)
-    p.add_argument("--chunk-rows", type=int, default=65_536)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--overwrite", action="store_true")
+    p = command("generate", cmd_generate, "write synthetic Gaussian-mixture data (well-separated components) to a Zarr store")
+    p.add_argument("out", help="Zarr store to write: one 2-D array (rows, features)")
+    p.add_argument("--n-samples", type=int, default=1_000_000, help="rows (default 1000000)")
+    p.add_argument("--n-features", type=int, default=16, help="features, the columns (default 16)")
+    p.add_argument("--n-components", type=int, default=8, help="Gaussian components the rows are drawn from (default 8)")
+    p.add_argument("--chunk-rows", type=int, default=65_536, help="rows per Zarr chunk (default 65536)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same data (default 0)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="type of the values (default float64)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
     p = command("plot", cmd_plot, "plot the convergence curve and the components: a scatter with covariance ellipses from --data (Gaussian), "
                 "or the probability / rate profiles (other families; --data adds the rows per component)")
-    p.add_argument("model")
-    p.add_argument("--out", required=True, help="PNG file")
-    p.add_argument("--data")
-    p.add_argument("--variable", help="variable of a Zarr group / xarray Dataset holding the data")
-    p.add_argument("--sample-dim", help="sample dimension of an xarray store (default: the first)")
-    p.add_argument("--missing-chunks", choices=("raise", "fill"), help=MISSING_CHUNKS_HELP)
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="PNG file to write (replaced if it exists)")
+    p.add_argument("--data", help="data to draw rows from: " + DATA_HELP.removeprefix("the data: "))
+    data_options(p)
     p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="Gaussian: two feature indices (default: first two principal axes)")
-    p.add_argument("--n-points", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-points", type=int, default=5000, help="rows of --data drawn at most (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows drawn (default 0)")
     return parser
 
 
@@ -1058,8 +1338,52 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 2 for bad input, 130 when interrupted, 141 for a closed pipe)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C, wherever it lands (an import, the cluster's start, a pass)
+        print(f"streamem{_command_word(argv)}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # The reader of our output went away (streamem info model.zarr | head -1): nothing more to say.
+        _silence_stdout()
+        return 141
+
+
+def _command_word(argv: Sequence[str] | None) -> str:
+    """`` fit`` for ``streamem fit ...``: the command named in the arguments, for a message before they are parsed."""
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if word in COMMANDS]
+    return f" {words[0]}" if words else ""
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError may also come from a socket)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit finds no closed pipe to complain about."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the command's parser, which knows its flags (argparse would show the top-level usage)
+        command = _command_parser(parser, args.command)
+        command.error(unrecognized(command, extras))
     # Dask's own INFO lines (from the workers' processes too) drown ours.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if not args.quiet:
@@ -1070,16 +1394,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.propagate = False
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe is found here, not at exit
     except (UsageError, ValueError, TypeError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            raise  # not an error of the run: main ends quietly
         # OSError: a path we may not read or write (PermissionError, a read-only file system, ...).
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-        # The library's keyword, as the flag that sets it here.
-        message = message.replace("missing_chunks='fill'", "--missing-chunks fill")
+        # The library's keywords, as the flags that set them here.
+        message = cli_words(message, args)
         message = _resume_advice(message)
         message = _redact(message, args)
         print(f"streamem {args.command}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli_words(message: str, args: argparse.Namespace) -> str:
+    """A library error in the words of the command line: flags for keywords, "the data" for ``X``, the files by name.
+
+    ``n_components must be ...`` and ``n_components=0`` become
+    ``--n-components must be ...`` and ``--n-components 0``;
+    ``checkpoint=`` becomes ``--checkpoint``; ``X has 4 features, but
+    GaussianMixture is expecting 8 features as input`` names the data and
+    the model given.
+    """
+    features = re.fullmatch(r"X has (\d+) features, but \w+ is expecting (\d+) features as input", message)
+    if features:
+        data, model = getattr(args, "data", None), getattr(args, "model", None)
+        data_words = f"the data {data!r}" if data is not None else "the data"
+        model_words = f"the model {model!r}" if model is not None else "the model"
+        return f"{data_words} have {features[1]} features, but {model_words} is expecting {features[2]} features"
+    rows = re.match(r"X has n_samples=(\d+) rows, but n_components=(\d+) ", message)
+    if rows:
+        return f"the data have {rows[1]} rows, fewer than --n-components {rows[2]} (each component needs at least one row)"
+    message = re.sub(r"^X: ", "data: ", message)
+    message = re.sub(r"^X (has|is|contains|must) ", lambda m: f"the data {_PLURAL.get(m[1], m[1])} ", message)
+    names = "|".join(sorted(_KEYWORD_FLAGS, key=len, reverse=True))
+    # name=value (value quoted or not, or none: "checkpoint= naming ...")
+    message = re.sub(rf"(?<![\w\[.'\"-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;:()\[\]]*)",
+                     lambda m: _KEYWORD_FLAGS[m[1]] + (" " + m[2].strip("'\"") if m[2] not in ("", "True") else ""), message)
+    # name as the subject of the sentence: "n_components must be ...", "checkpoint 'dir' was made for ..."
+    return re.sub(rf"(?<![\w\[.'\"-])({names})(?= must | contains | needs | '| \")", lambda m: _KEYWORD_FLAGS[m[1]], message)
+
+
+_PLURAL = {"has": "have", "is": "are", "contains": "contain"}
+#: The library's keywords that a flag of the same name sets, and the flag.
+_KEYWORD_FLAGS = {o.name: _flag(o.name) for o in FIT_OPTIONS + CLUSTER_OPTIONS} | {"rows": "--rows", "passes": "--passes"}
 
 
 def _resume_advice(message: str) -> str:

@@ -10,6 +10,7 @@ computes the whole thing with exactly one ``dask.compute``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -214,6 +215,57 @@ class _SharedBlasLimit:
 _ONE_BLAS_THREAD = _SharedBlasLimit()
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Progress bars over the chunks of data passes, and what each bar says.
+
+    ``DataPasses(progress=True)`` is ``Progress()``. A bar names its pass:
+    ``iteration 3`` (batch EM), ``pass 2 (stepwise)`` (online EM; its
+    exact log-likelihood pass ``pass 2 (stepwise): log-likelihood``),
+    ``initialisation pass 1/2`` (the passes of :mod:`streamem.init`), and
+    any other pass ``label``.
+
+    Parameters
+    ----------
+    label : str, optional
+        What a pass that is none of the above says (e.g. ``"score"``).
+    init_passes : int, optional
+        How many initialisation passes the fit makes, when the caller knows
+        (the ``/2``); without it the bars just count them.
+    first_pass : int, default=1
+        The number of the first online pass (a resumed fit continues its count).
+    """
+
+    label: str | None = None
+    init_passes: int | None = None
+    first_pass: int = 1
+
+
+_PROGRESS: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("streamem_progress", default=None)
+
+
+@contextlib.contextmanager
+def progress_bars(progress: bool | Progress = True) -> Iterator[None]:
+    """Progress bars for the passes of every :class:`DataPasses` made in the block without a ``progress`` of its own.
+
+    For code that makes its passes without a ``progress`` argument (e.g.
+    :func:`streamem.mapreduce.accumulate`); ``progress=False`` turns them off.
+    """
+    token = _PROGRESS.set(_as_progress(progress))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _as_progress(progress: bool | Progress | None) -> Progress | None:
+    if progress is None:
+        return _PROGRESS.get()
+    if isinstance(progress, Progress):
+        return progress
+    return Progress() if progress else None
+
+
 class DataPasses:
     """Runs passes over the chunks of one data set.
 
@@ -222,16 +274,20 @@ class DataPasses:
     data : InputData
     scheduler : str or distributed.Client
         Passed to ``dask.compute``.
-    progress : bool
-        Show a progress bar over the chunks of every pass.
+    progress : bool or Progress, optional
+        Show a progress bar over the chunks of every pass (a ``Progress``:
+        also what the bars say). Default: as :func:`progress_bars` set it
+        around the caller, else none.
     persist : bool
         Keep the chunks in (the workers') memory after the first read.
     """
 
-    def __init__(self, data: InputData, scheduler: Any, *, progress: bool = False, persist: bool = False):
+    def __init__(self, data: InputData, scheduler: Any, *, progress: bool | Progress | None = None, persist: bool = False):
         self.data = data
         self.scheduler = scheduler
-        self.progress = progress
+        self.progress = _as_progress(progress)
+        self._init_passes = 0  # passes of streamem.init so far, and online passes: what the bars count
+        self._online_passes, self._algorithm = 0, ""
         self.offsets = data.row_offsets()
         self.persisted = persist
         # With ``persist`` the data are read once; later passes find the
@@ -264,13 +320,17 @@ class DataPasses:
                     block.release()
         self.blocks = []
 
-    def run(self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False) -> Any:
+    def run(
+        self, fn: BlockFn, payload: Any, combine: Callable[[Any, Any], Any], *, check_block: bool = False, label: str | None = None
+    ) -> Any:
         """``combine``-reduce ``fn(chunk, offset, payload)`` over all chunks, in chunk order.
 
         Raises ValueError naming the count and row range of non-finite values
         if the data hold any. The chunk itself is scanned when
-        ``check_block`` or when ``fn``'s result is not finite.
+        ``check_block`` or when ``fn``'s result is not finite. ``label`` is
+        what the pass's progress bar says (default: see :class:`Progress`).
         """
+        label = label or self._label(fn)
         payload = _Literal(payload)
         if is_client(self.scheduler) and len(cloudpickle.dumps(payload)) * len(self.groups) > EMBED_PAYLOAD_BYTES:
             payload = dask.delayed(payload, pure=False)  # one task; its result travels to the others
@@ -286,7 +346,7 @@ class DataPasses:
             ]
         self.tasks_per_pass = len(set().union(*(task.__dask_graph__().keys() for task in level)))
         sizes = {task.key: stop - start for task, (start, stop) in zip(group_tasks, self.groups)}
-        result = tree.root(tree.merge(node_combine, n_chunks, *self._compute(level, group_tasks, sizes)))
+        result = tree.root(tree.merge(node_combine, n_chunks, *self._compute(level, group_tasks, sizes, label)))
         self.n_passes += 1
         if result.error is not None:
             raise result.error
@@ -297,6 +357,22 @@ class DataPasses:
                 "remove or impute them before fitting"
             )
         return result.value
+
+    def _label(self, fn: Callable[..., Any]) -> str | None:
+        """What the progress bar of a pass of ``fn`` says, when its caller gave no label (see :class:`Progress`)."""
+        if self.progress is None:
+            return None
+        module = getattr(fn, "__module__", "")
+        if module == "streamem.init":  # the initialisation's sample and statistics passes
+            self._init_passes += 1
+            total = self.progress.init_passes
+            return f"initialisation pass {self._init_passes}" + (f"/{total}" if total else "")
+        if module == "streamem.online" and self._online_passes:  # online EM's exact log-likelihood after a pass
+            return f"{self._online_label()}: log-likelihood"
+        return self.progress.label
+
+    def _online_label(self) -> str:
+        return f"pass {self.progress.first_pass + self._online_passes - 1} ({self._algorithm})" if self.progress else ""
 
     def _group_task(
         self, fn: BlockFn, payload: Any, node_combine: tree.NodeCombine, start: int, stop: int, check_block: bool
@@ -339,6 +415,7 @@ class DataPasses:
         statistics (``run.blocks``) replaced by what the links returned.
         """
         n_chunks = len(self.blocks)
+        self._online_passes, self._algorithm = self._online_passes + 1, settings.algorithm
         order = np.random.RandomState(pass_seed).permutation(n_chunks) if settings.shuffle else np.arange(n_chunks)
         state: Any = _Literal([run.travelling() for run in runs])
         links: list[Any] = []
@@ -352,7 +429,7 @@ class DataPasses:
                 links.append(dask.delayed(_run_link, pure=False, nout=2)(link, state, block, int(self.offsets[chunk]), payload))
             state = links[-1][0]
         self.tasks_per_pass = len(links[-1].__dask_graph__()) if links else 0
-        results = self._compute(links, links, {task.key: 1 for task in links}) if links else []
+        results = self._compute(links, links, {task.key: 1 for task in links}, self._online_label()) if links else []
         final = results[-1][0] if results else [run.travelling() for run in runs]
         for run, previous in zip(final, runs):
             run.blocks = dict(previous.blocks)
@@ -363,8 +440,8 @@ class DataPasses:
         self.n_passes += 1
         return final
 
-    def _compute(self, level: list[Any], tick_tasks: list[Any], sizes: dict[Any, int]) -> list[Any]:
-        """One ``compute`` of the tasks in ``level``; with ``progress``, a bar over the chunks.
+    def _compute(self, level: list[Any], tick_tasks: list[Any], sizes: dict[Any, int], label: str | None = None) -> list[Any]:
+        """One ``compute`` of the tasks in ``level``; with ``progress``, a bar over the chunks saying ``label``.
 
         ``sizes`` maps the key of each of ``tick_tasks`` to the chunks it
         covers: the bar moves as they finish.
@@ -374,7 +451,7 @@ class DataPasses:
                 return list(dask.compute(*level, scheduler=self.scheduler, optimize_graph=False))
         from tqdm import tqdm
 
-        with tqdm(total=len(self.blocks), unit="chunk", leave=False, dynamic_ncols=True) as bar:
+        with tqdm(total=len(self.blocks), desc=label, unit="chunk", leave=False, dynamic_ncols=True) as bar:
             if is_client(self.scheduler):
                 from distributed import as_completed
 
@@ -460,7 +537,7 @@ def batch_em(
         if not active:
             break
         tic = time.perf_counter()
-        stats = passes.run(_stats_of_models, (family, [r.params for r in active]), add_elementwise)
+        stats = passes.run(_stats_of_models, (family, [r.params for r in active]), add_elementwise, label=f"iteration {iteration}")
         changes = []
         for run, s in zip(active, stats):
             previous = run.lower_bound
