@@ -1386,12 +1386,20 @@ def _main(argv: Sequence[str] | None) -> int:
         command.error(unrecognized(command, extras))
     # Dask's own INFO lines (from the workers' processes too) drown ours.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     if not args.quiet:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    try:
+        return _run(args)
+    finally:  # main() called in a process that goes on (tests, notebooks) leaves the logger as it found it
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
         sys.stdout.flush()  # a closed pipe is found here, not at exit

@@ -263,9 +263,11 @@ def test_online_n_init_runs_share_the_passes_and_keep_the_best(algorithm):
     one = _fit(X, n_init=1, **params)
     two = _fit(X, n_init=2, **params)
     assert two.n_data_passes_ == one.n_data_passes_  # both runs in the same passes
-    assert two.lower_bound_ >= one.lower_bound_
-    if two.lower_bound_ == one.lower_bound_:  # the first run is the same run in both fits
-        _assert_same(two, one, rtol=0)
+    # The first run is the same run in both fits, up to rounding (the random start within one sample is
+    # scikit-learn's draw, whose statistics are summed in another order when two runs share a pass).
+    assert two.lower_bound_ >= one.lower_bound_ - 1e-12
+    if abs(two.lower_bound_ - one.lower_bound_) < 1e-12:
+        _assert_same(two, one, rtol=1e-12)
 
 
 def test_online_float32_estep_stays_close_to_float64():
