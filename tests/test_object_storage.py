@@ -58,15 +58,6 @@ def endpoint():
     server.stop()
 
 
-@pytest.fixture(autouse=True)
-def _streamem_logger():
-    """The CLI's main() sets up the streamem logger for its process: put it back after each test."""
-    logger = logging.getLogger("streamem")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = state[0], state[1], state[2]
-
-
 @pytest.fixture
 def s3(endpoint):
     """A fresh bucket: (its s3:// URL, the storage options, an s3fs file system)."""

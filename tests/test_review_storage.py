@@ -78,15 +78,6 @@ def _flags(options: dict) -> list[str]:
             f"--storage-option=client_kwargs.endpoint_url={options['client_kwargs']['endpoint_url']}"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _streamem_logger():
-    """main() sets up the streamem logger of this process: put it back after each test."""
-    logger = logging.getLogger("streamem")
-    state = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = state[0], state[1], state[2]
-
-
 @pytest.fixture(scope="module")
 def http_dir():
     """A directory served read-only by http.server on 127.0.0.1: (directory, base URL without scheme)."""
