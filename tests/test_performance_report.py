@@ -1,7 +1,10 @@
 """``--performance-report FILE.html`` on fit, update and predict (issue 16, item 4).
 
-The commands run through the real entry point in a subprocess on a
-1-worker LocalCluster; the report is Dask's own (distributed's
+The commands run through :func:`streamem.cli.main` in process (the
+report is about the run, not the process): fit and update on one shared
+1-worker cluster given by ``--scheduler`` (so that a report holding another
+run's tasks would show), predict on a 1-worker LocalCluster of its own. The
+report is Dask's own (distributed's
 ``performance_report``, drawn with bokeh). Its content is checked for the
 names of the tasks each command ran (the functions of streamem's task
 graphs) and for the work it timed; the models and labels the commands
@@ -19,7 +22,7 @@ import zarr
 from numpy.testing import assert_array_equal
 
 import streamem
-from workflow_helpers import check_ok, check_usage_error, cli, inits, mixture_sample, quiet_fit, write_zarr
+from workflow_helpers import check_ok, check_usage_error, cli_main, inits, mixture_sample, quiet_fit, write_zarr
 
 LOCAL = ("--workers", 1, "--threads-per-worker", 1)
 CHUNK_ROWS = 500
@@ -33,6 +36,15 @@ def X() -> np.ndarray:
 @pytest.fixture(scope="module")
 def data_path(X, tmp_path_factory) -> str:
     return write_zarr(tmp_path_factory.mktemp("report-data") / "data.zarr", X, CHUNK_ROWS)
+
+
+@pytest.fixture(scope="module")
+def shared() -> tuple:
+    """``--scheduler ADDRESS`` of a 1-worker, 1-thread LocalCluster the module's runs share (one start, not four)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as lc:
+        yield ("--scheduler", lc.scheduler_address)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +76,8 @@ def only_entry(directory, name: str) -> None:
     assert name in os.listdir(directory)
 
 
-def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, tmp_path):
-    """One test (the module's only cluster runs): each command's report names the tasks it ran."""
+def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, shared, tmp_path):
+    """One test (the module's only cluster runs): each command's report names the tasks it ran, and only those."""
     reports = tmp_path / "reports"
     reports.mkdir()
 
@@ -74,7 +86,7 @@ def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, tm
     fit_report.write_text("an older report")  # replaced, as a picture is
     out = tmp_path / "fit.zarr"
     flags = ("--n-components", 3, "--tol", 0, "--max-iter", 3, "--random-state", 0)
-    proc = check_ok(cli("fit", data_path, "--out", out, *flags, *LOCAL, "--performance-report", fit_report))
+    proc = check_ok(cli_main("fit", data_path, "--out", out, *flags, *shared, "--performance-report", fit_report))
     assert f"wrote performance report {fit_report}" in proc.stderr
     text = report_text(fit_report)
     assert "_run_group" in text and n_tasks(text) >= 3  # 3 passes at least
@@ -85,18 +97,19 @@ def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, tm
 
     # update: stepwise EM chains one task per chunk (_run_link), each after reading its chunk.
     update_report = reports / "update.html"
-    check_ok(cli("update", model_path, data_path, "--out", tmp_path / "updated.zarr", *LOCAL, "--quiet",
-                 "--performance-report", update_report))  # fmt: skip
+    check_ok(cli_main("update", model_path, data_path, "--out", tmp_path / "updated.zarr", *shared, "--quiet",
+                      "--performance-report", update_report))  # fmt: skip
     text = report_text(update_report)
     assert "_run_link" in text and "zarr-read" in text
     assert n_tasks(text) >= 4 + 4  # at least the links and the reads of the 4 chunks
-    assert "_run_group" not in text  # the report covers this run only
+    assert "_run_group" not in text  # the report covers this run only (fit ran on the same scheduler)
 
-    # predict: labels per chunk (_block_labels, fused by Dask with the chunk's read and its store into one task).
+    # predict: labels per chunk (_block_labels, fused by Dask with the chunk's read and its store into one task);
+    # on a LocalCluster the command starts itself.
     predict_report = reports / "predict.html"
     labels_out = tmp_path / "labels.zarr"
-    check_ok(cli("predict", model_path, data_path, "--out", labels_out, *LOCAL, "--quiet",
-                 "--performance-report", predict_report))  # fmt: skip
+    check_ok(cli_main("predict", model_path, data_path, "--out", labels_out, *LOCAL, "--quiet",
+                      "--performance-report", predict_report))  # fmt: skip
     text = report_text(predict_report)
     assert "block_labels-zarr-read-store-map" in text
     assert n_tasks(text) >= 4  # the labels of the 4 chunks at least
@@ -108,8 +121,8 @@ def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, tm
     bad[1234, 1] = np.nan
     bad_path = write_zarr(tmp_path / "bad.zarr", bad, CHUNK_ROWS)
     before = open(predict_report).read()
-    proc = cli("predict", model_path, bad_path, "--out", tmp_path / "bad-labels.zarr", *LOCAL, "--quiet",
-               "--performance-report", predict_report)  # fmt: skip
+    proc = cli_main("predict", model_path, bad_path, "--out", tmp_path / "bad-labels.zarr", *shared, "--quiet",
+                    "--performance-report", predict_report)  # fmt: skip
     check_usage_error(proc, "non-finite")
     assert open(predict_report).read() == before
     assert sorted(os.listdir(reports)) == ["fit.html", "predict.html", "update.html"]
@@ -131,7 +144,7 @@ def test_bad_report_path_exits_2_before_any_work(data_path, model_path, tmp_path
     ]
     for command, path, why in cases:
         head = ("fit", data_path) if command == "fit" else (command, model_path, data_path)
-        proc = cli(*head, "--out", out, *LOCAL, "--performance-report", path)
+        proc = cli_main(*head, "--out", out, *LOCAL, "--performance-report", path)
         check_usage_error(proc, f"streamem {command}: error: --performance-report", why)
         assert not os.path.exists(out)
 
@@ -140,7 +153,7 @@ def test_report_needs_a_cluster(data_path, tmp_path):
     """--workers 0 runs Dask's threads in this process: there is no scheduler to report on."""
     out = tmp_path / "out.zarr"
     for workers_flag in (("--workers", 0), ("--config", _config(tmp_path, "workers: 0\n"))):
-        proc = cli("fit", data_path, "--out", out, *workers_flag, "--performance-report", tmp_path / "r.html")
+        proc = cli_main("fit", data_path, "--out", out, *workers_flag, "--performance-report", tmp_path / "r.html")
         check_usage_error(proc, "--performance-report needs a Dask cluster", "--workers 0")
         assert not os.path.exists(out) and not os.path.exists(tmp_path / "r.html")
 

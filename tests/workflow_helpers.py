@@ -97,6 +97,46 @@ def cli(*args, env: dict | None = None, timeout: float = 240, cwd: str | None = 
     )
 
 
+def cli_main(*args, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """``streamem ARGS`` through :func:`streamem.cli.main` in this process, as :func:`cli` reports it.
+
+    For tests about what a command does rather than about its process (signals,
+    pipes, the interpreter's exit): it saves the ~2 s of imports a subprocess
+    pays. The exit status is main's return value or an argparse SystemExit's
+    code; stdout and stderr are what the command printed. Warnings are shown on
+    stderr under Python's default filters, as the real command shows them
+    (pytest would otherwise record them out of sight).
+    """
+    import contextlib
+    import io
+
+    from streamem.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    here = os.getcwd()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = _warning_to_stderr
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            code = main(argv)
+        except SystemExit as exc:  # argparse's errors and --help/--version
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(["streamem", *argv], code, out.getvalue(), err.getvalue())
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
