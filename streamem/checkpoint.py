@@ -124,7 +124,7 @@ def fit_settings(model: Any) -> dict[str, Any]:
     numpy scalars become Python numbers and dtypes their names, so that
     ``n_components=np.int64(3)`` and ``3`` are the same setting. Settings
     added after checkpoints existed (the family's own, ``learn_weights``,
-    ``prior``) are recorded only when they differ from what older fits
+    ``prior``, stepwise ``average``) are recorded only when they differ from what older fits
     did, so a Gaussian checkpoint written before them still resumes.
 
     Raises
@@ -142,6 +142,8 @@ def fit_settings(model: Any) -> dict[str, Any]:
         settings.update({name: _jsonable(name, value) for name, value in model._family_settings().items()})
     if not model.learn_weights:
         settings["learn_weights"] = False
+    if getattr(model, "algorithm", "batch") == "stepwise" and model.average:  # older stepwise fits did not average
+        settings["average"] = True
     if model.prior is not None:
         settings["prior"] = _jsonable("prior", model.prior)
     random_state = model.random_state

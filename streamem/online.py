@@ -69,15 +69,20 @@ class OnlineSettings:
         How many rows stepwise EM's running averages stand for: with a
         prior, the M-step weighs the averages by it against the prior's
         pseudo-counts, as batch EM weighs its sums.
+    average : bool
+        Stepwise: end each pass at the M-step of the running statistics
+        averaged over the mini-batches of the pass's second half
+        (Polyak-Ruppert averaging), and continue from there.
     """
 
     algorithm: str = "stepwise"
-    batch_size: int = 2000
-    step_decay: float = 0.7
+    batch_size: int = 1000
+    step_decay: float = 0.51
     step_offset: float = 2.0
     step_size: float | None = None
     shuffle: bool = True
     rows: float = 1.0
+    average: bool = False
 
     def weight(self, t: float, n_rows: float) -> float:
         """Stepwise weight of a mini-batch of ``n_rows`` rows at step ``t``.
@@ -118,10 +123,13 @@ class OnlineRun:
     base_center: np.ndarray | None = None
     total_rows: int = 0
     blocks: dict[int, "BlockStats"] = field(default_factory=dict)
+    average: SuffStats | None = None
+    average_center: np.ndarray | None = None
+    average_rows: float = 0.0
 
     def travelling(self) -> "OnlineRun":
         """A copy without the per-block statistics and with the pass sums reset."""
-        return replace(self, blocks={}, pass_loglik=0.0, pass_rows=0.0)
+        return replace(self, blocks={}, pass_loglik=0.0, pass_rows=0.0, average=None, average_rows=0.0)
 
 
 def batches_of_chunk(n_rows: int, settings: OnlineSettings, chunk: int, pass_seed: int) -> list[tuple[int, np.ndarray]]:
@@ -205,6 +213,8 @@ def _update(
         eta = settings.weight(run.n_steps, batch.n)
         run.stats = family.recentre(run.stats, run.center, centre) * (1.0 - eta) + batch * (eta / batch.n)
         run.stats.arrays["n"] = np.float64(1.0)  # averages per row, exactly (it rounds otherwise)
+        if settings.average and run.pass_rows > run.total_rows / 2:
+            _add_to_average(run, family, centre, batch.n)
     else:
         if run.base is None:
             run.base, run.base_center = family.stats_of_params(params), centre
@@ -220,6 +230,27 @@ def _update(
     run.params = family.m_step(run.stats * settings.rows if scaled else run.stats, centre)
     run.n_steps += batch.n / settings.batch_size
     return batch, centre
+
+
+def _add_to_average(run: OnlineRun, family: Any, centre: np.ndarray, weight: float) -> None:
+    """Fold the running statistics (centred at ``centre``) into their average over the pass, weighing by rows."""
+    if run.average is None:
+        run.average, run.average_rows = run.stats, 0.0
+    else:
+        old = run.average_rows / (run.average_rows + weight)
+        run.average = family.recentre(run.average, run.average_center, centre) * old + run.stats * (1.0 - old)
+        run.average.arrays["n"] = np.float64(1.0)
+    run.average_center = centre
+    run.average_rows += weight
+
+
+def _end_pass(run: OnlineRun, family: Any, settings: OnlineSettings) -> OnlineRun:
+    """The state a pass ends in: with averaging, the M-step of the averaged statistics."""
+    if run.average is None:
+        return run
+    scaled = getattr(family, "prior", None) is not None
+    params = family.m_step(run.average * settings.rows if scaled else run.average, run.average_center)
+    return replace(run, stats=run.average, center=run.average_center, params=params, average=None, average_rows=0.0)
 
 
 # -------------------------------------------------------------------- driver
@@ -266,7 +297,8 @@ def online_em(
         tic = time.perf_counter()
         rows_done = int(round(online[active[0]].n_steps * settings.batch_size))
         pass_seed = int(np.random.SeedSequence([seed, rows_done]).generate_state(1)[0])
-        after = passes.chain(online_link, [online[i] for i in active], family, settings, pass_seed)
+        chained = passes.chain(online_link, [online[i] for i in active], family, settings, pass_seed)
+        after = [_end_pass(state, family, settings) for state in chained]
         if monitor == "exact":
             exact = passes.run(_loglik_of_models, (family, [r.params for r in after]), _add_lists)
         seconds = time.perf_counter() - tic

@@ -39,7 +39,9 @@ def test_partial_fit_over_chunks_in_order_equals_one_stepwise_pass(covariance_ty
     X = make_data()
     path = write_zarr(tmp_path / "x.zarr", X, (700, 3))
     inits = make_inits(covariance_type)
-    whole = _fit(path, covariance_type=covariance_type, algorithm="stepwise", batch_size=200, shuffle=False, max_iter=1, **inits)
+    # partial_fit follows its rows and does not average (it cannot know where a pass ends)
+    whole = _fit(path, covariance_type=covariance_type, algorithm="stepwise", batch_size=200, shuffle=False, average=False,
+                 max_iter=1, **inits)
     parts = streamem.GaussianMixture(3, covariance_type=covariance_type, batch_size=200, random_state=0, **inits)
     for start in range(0, len(X), 700):
         assert parts.partial_fit(X[start : start + 700]) is parts
@@ -207,7 +209,7 @@ def test_update_of_rows_from_the_same_distribution_ends_near_a_batch_refit_on_al
     assert updated.n_rows_seen_ == 20_000 and updated.algorithm == "batch"  # settings restored
     gap = refit.score(X) - updated.score(X)
     assert 0 <= gap < 2e-4, gap
-    # The stepwise schedule (alpha=0.7) weighs the new rows far beyond their share: further off.
+    # The stepwise schedule (default alpha=0.51) weighs the new rows far beyond their share: further off.
     scheduled = _fit(old, batch_size=500, tol=1e-8, max_iter=300).partial_fit(new)
     assert refit.score(X) - scheduled.score(X) > gap
 
@@ -251,7 +253,7 @@ def test_nightly_script_in_update_mode_reads_only_the_new_rows(tmp_path):
     assert f"update {models / 'current.zarr'} {new_rows} " in update
     assert day2.fit_data_["shape"] == [2000, 3]  # it read the new rows only
     assert day1.n_rows_seen_ == 6000 and day2.n_rows_seen_ == 8000
-    assert day2.n_steps_ == pytest.approx(6000 / 2000 - 2 + 2000 / 2000)  # a running average from 6000 rows, then 2000 rows
+    assert day2.n_steps_ == pytest.approx(6000 / 1000 - 2 + 2000 / 1000)  # a running average from 6000 rows, then 2000 rows (batch_size 1000)
     assert np.all(np.linalg.norm(day2.means_ - day1.means_, axis=1) < 0.5)  # labels kept
     assert not (models / "ckpt-2024-03-02").exists()
 

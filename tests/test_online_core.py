@@ -144,3 +144,71 @@ def test_non_finite_rows_are_reported_by_global_row():
     settings = OnlineSettings("stepwise", batch_size=100)
     with pytest.raises(ValueError, match="rows 2345 to 2345"):
         online_em(passes, GaussianFamily("full"), [EMRun(_initial("full", make_data()))], settings, tol=0.0, max_iter=1, seed=0)
+
+
+def _numpy_stepwise_pass(X, params, batch_size, step_decay, step_offset, chunk_rows, average, reg=1e-6):
+    """One stepwise pass in storage order with uncentred statistics, written from the definitions (full covariances).
+
+    With ``average``, the pass ends at the M-step of the running statistics averaged (weighted by rows) over the
+    mini-batches that end in the second half of the pass.
+    """
+    from scipy.stats import multivariate_normal
+
+    w, mu, cov = params.weights, params.means, params.covariances
+    s0 = w / w.sum()  # the starting parameters weigh as one row of data
+    s1 = s0[:, None] * mu
+    s2 = s0[:, None, None] * (cov - reg * np.eye(X.shape[1]) + np.einsum("ki,kj->kij", mu, mu))
+    avg, avg_rows, t, done = None, 0.0, 0.0, 0
+    for start in range(0, len(X), chunk_rows):
+        chunk = X[start : start + chunk_rows]
+        for rows in np.array_split(np.arange(len(chunk)), -(-len(chunk) // batch_size)):
+            Xb = chunk[rows]
+            dens = np.stack([w[k] * multivariate_normal(mu[k], cov[k]).pdf(Xb) for k in range(len(w))], axis=1)
+            r = dens / dens.sum(axis=1, keepdims=True)
+            eta = 1.0 - (1.0 - (t + step_offset) ** -step_decay) ** (len(Xb) / batch_size)
+            s0 = (1 - eta) * s0 + eta * r.mean(axis=0)
+            s1 = (1 - eta) * s1 + eta * (r.T @ Xb) / len(Xb)
+            s2 = (1 - eta) * s2 + eta * np.einsum("nk,ni,nj->kij", r, Xb, Xb) / len(Xb)
+            t += len(Xb) / batch_size
+            done += len(Xb)
+            if average and done > len(X) / 2:
+                new = (s0, s1, s2)
+                avg = new if avg is None else tuple((a * avg_rows + b * len(Xb)) / (avg_rows + len(Xb)) for a, b in zip(avg, new))
+                avg_rows += len(Xb)
+            w, mu = s0, s1 / s0[:, None]
+            cov = s2 / s0[:, None, None] - np.einsum("ki,kj->kij", mu, mu) + reg * np.eye(X.shape[1])
+    if average:
+        s0, s1, s2 = avg
+        w, mu = s0, s1 / s0[:, None]
+        cov = s2 / s0[:, None, None] - np.einsum("ki,kj->kij", mu, mu) + reg * np.eye(X.shape[1])
+    return w, mu, cov
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_stepwise_pass_and_its_average_equal_a_numpy_reference(average):
+    X = make_data()[:2100]
+    params = _initial("full", X)
+    family = GaussianFamily("full")
+    passes = DataPasses(load_data(X, chunk_rows=700), "threads")
+    settings = OnlineSettings("stepwise", batch_size=160, step_decay=0.6, step_offset=2.0, shuffle=False, average=average)
+    (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=1, seed=0)
+    weights, means, covariances = _numpy_stepwise_pass(X, params, 160, 0.6, 2.0, 700, average)
+    np.testing.assert_allclose(run.params.weights, weights, rtol=1e-9)
+    np.testing.assert_allclose(run.params.means, means, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(run.params.covariances, covariances, rtol=1e-8, atol=1e-9)
+
+
+def test_averaged_pass_is_less_noisy_than_the_last_mini_batch():
+    """Large steps follow the last mini-batches; their average over the second half is closer to the batch optimum."""
+    X = make_data()
+    params = _initial("full", X)
+    family = GaussianFamily("full")
+    passes = DataPasses(load_data(X, chunk_rows=700), "threads")
+    (optimum,) = batch_em(passes, family, [EMRun(params)], tol=1e-10, max_iter=500)
+
+    def gap(average: bool) -> float:
+        settings = OnlineSettings("stepwise", batch_size=50, step_decay=0.51, shuffle=True, average=average)
+        (run,) = online_em(passes, family, [EMRun(params)], settings, tol=0.0, max_iter=2, seed=3)
+        return optimum.lower_bound - float(family.e_step(X, run.params)[0].mean())
+
+    assert gap(True) < 0.5 * gap(False)

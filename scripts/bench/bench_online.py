@@ -23,8 +23,8 @@ model moves toward them.
 
 Usage:
     python scripts/bench/bench_online.py [--n-samples 4000000] [--small-samples 400000]
-        [--batch-sizes 500 1000 2000 5000] [--step-decays 0.5 0.6 0.7 0.9]
-        [--passes 3] [--workers 2] [--only separated overlapping few-chunks update]
+        [--batch-sizes 500 1000 2000 5000] [--step-decays 0.51 0.6 0.7 0.9] [--averages on off]
+        [--no-incremental] [--passes 3] [--workers 2] [--only separated overlapping few-chunks update]
         [--init random kmeans] [--dir DIR]
 """
 
@@ -145,8 +145,9 @@ def table_for(name: str, path: str, args, client) -> None:
                 km.fit(path)
             start = dict(weights_init=km.weights_, means_init=km.means_, precisions_init=km.precisions_)
         cache = os.path.join(args.dir, f"batch-{name}-{init}.json") if args.dir else None
-        if name in args.optimum:  # measured by an earlier run on the same store: only the optimum is needed
-            b_bounds, b_secs, optimum = [], [], args.optimum[name]
+        known = args.optimum.get(f"{name}:{init}", args.optimum.get(name))
+        if known is not None:  # measured by an earlier run on the same store: only the optimum is needed
+            b_bounds, b_secs, optimum = [], [], known
         elif cache and os.path.exists(cache):  # batch EM to tol=1e-8 can take hundreds of passes: reuse it
             with open(cache) as fh:
                 b_bounds, b_secs, optimum = json.load(fh)
@@ -157,24 +158,27 @@ def table_for(name: str, path: str, args, client) -> None:
                     json.dump([b_bounds, b_secs, optimum], fh)
         print(f"\n### {name} ({zarr.open_array(path).shape[0]:,} rows, chunks of {zarr.open_array(path).chunks[0]:,}), start: {init}")
         print(f"batch EM optimum (mean log-likelihood): {optimum:.6f}\n")
-        print("| method | batch_size | step_decay | after pass 1, 2, 3 (optimum - value) | passes / s to 1e-3 | passes / s to 1e-4 |")
-        print("|---|---|---|---|---|---|")
+        print("| method | batch_size | step_decay | average | after pass 1, 2, 3 (optimum - value) | passes / s to 1e-3 | passes / s to 1e-4 |")
+        print("|---|---|---|---|---|---|---|")
 
-        def row(method, bs, decay, bounds, secs):
+        def row(method, bs, decay, average, bounds, secs):
             gaps = ", ".join(f"{optimum - b:.1e}" for b in bounds[: args.passes])
-            print(f"| {method} | {bs} | {decay} | {gaps} | {within(bounds, secs, optimum, 1e-3)} | {within(bounds, secs, optimum, 1e-4)} |", flush=True)
+            print(f"| {method} | {bs} | {decay} | {average} | {gaps} | {within(bounds, secs, optimum, 1e-3)} | {within(bounds, secs, optimum, 1e-4)} |", flush=True)
 
         if b_bounds:
-            row("batch", "-", "-", b_bounds, b_secs)
+            row("batch", "-", "-", "-", b_bounds, b_secs)
         sk_b, sk_s = run_sklearn(path, start, min(len(b_bounds) + 1, args.sklearn_iters)) if args.sklearn and b_bounds else ([], [])
         if sk_b:
-            row("scikit-learn (in memory)", "-", "-", sk_b, sk_s)
+            row("scikit-learn (in memory)", "-", "-", "-", sk_b, sk_s)
         for bs in args.batch_sizes:
             for decay in args.step_decays:
-                bounds, secs = run_online(path, start, client, args.passes, algorithm="stepwise", batch_size=bs, step_decay=decay)
-                row("stepwise", bs, decay, bounds, secs)
-            bounds, secs = run_online(path, start, client, args.passes, algorithm="incremental", batch_size=bs)
-            row("incremental", bs, "-", bounds, secs)
+                for average in args.averages:
+                    bounds, secs = run_online(path, start, client, args.passes, algorithm="stepwise", batch_size=bs,
+                                              step_decay=decay, average=average == "on")
+                    row("stepwise", bs, decay, average, bounds, secs)
+            if args.incremental:
+                bounds, secs = run_online(path, start, client, args.passes, algorithm="incremental", batch_size=bs)
+                row("incremental", bs, "-", "-", bounds, secs)
 
 
 def update_table(args, client, root: str) -> None:
@@ -249,15 +253,18 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=4_000_000)
     p.add_argument("--small-samples", type=int, default=400_000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000])
-    p.add_argument("--step-decays", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.9])
+    p.add_argument("--step-decays", type=float, nargs="+", default=[0.51, 0.6, 0.7, 0.9])
+    p.add_argument("--averages", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="stepwise with and without averaging over each pass's second half")
+    p.add_argument("--no-incremental", dest="incremental", action="store_false")
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--init", nargs="+", default=["random"], choices=["random", "kmeans"])
     p.add_argument("--only", nargs="+", default=["separated", "overlapping", "few-chunks", "update"])
     p.add_argument("--no-sklearn", dest="sklearn", action="store_false")
     p.add_argument("--sklearn-iters", type=int, default=40, help="scikit-learn iterations at most")
-    p.add_argument("--optimum", nargs="+", default=[], metavar="NAME=VALUE",
-                   help="batch EM optimum of a data set from an earlier run (its batch row is then not repeated)")
+    p.add_argument("--optimum", nargs="+", default=[], metavar="NAME[:INIT]=VALUE",
+                   help="batch EM optimum of a data set (from one start) from an earlier run (its batch row is then not repeated)")
     p.add_argument("--dir", default=None, help="where the stores are kept (default: a temporary directory)")
     args = p.parse_args()
     args.optimum = {k: float(v) for k, v in (item.split("=") for item in args.optimum)}

@@ -72,11 +72,12 @@ COMMON_PARAMS: dict[str, Any] = {
     "init_sample_size": DEFAULT_SAMPLE_SIZE,
     "persist": "auto",
     "algorithm": "batch",
-    "batch_size": 2000,
-    "step_decay": 0.7,
+    "batch_size": 1000,
+    "step_decay": 0.51,
     "step_offset": 2.0,
     "step_size": None,
     "shuffle": True,
+    "average": True,
     "monitor": "online",
     "learn_weights": True,
     "prior": None,
@@ -122,25 +123,28 @@ COMMON_PARAMS_DOC = """
         the available memory is refused). For the online algorithms
         ``max_iter`` counts passes over the data and ``tol`` applies to the
         change of the mean log-likelihood per pass (see ``monitor``).
-    batch_size : int, default=2000
+    batch_size : int, default=1000
         Rows per mini-batch of the online algorithms, at most: each chunk is
         cut into ``ceil(rows / batch_size)`` mini-batches of nearly equal
         size (a mini-batch never spans chunks). A mini-batch of ``n`` rows
         counts as ``n / batch_size`` steps, so the weight each row gets does
         not depend on the storage chunking. What makes online EM converge
         is the number of M-steps, so mini-batches must be small: a
-        chunk-sized one is far too large. Chosen with
-        ``scripts/bench/bench_online.py`` (README, "Online EM"): on three
-        16-feature, K=8 sets (4M rows well separated, 4M overlapping, 400k
-        in 4 chunks) 2,000 and 5,000 rows did about equally well after 1-3
-        passes, and 2,000 takes half the work per M-step.
-    step_decay : float, default=0.7
+        chunk-sized one is far too large. Chosen with ``step_decay`` and
+        ``average`` by ``scripts/bench/bench_online.py`` (README, "Online
+        EM") on three 16-feature, K=8 sets (4M rows well separated, 4M
+        overlapping, 400k in 4 chunks), from random and k-means starts.
+    step_decay : float, default=0.51
         ``alpha`` in (0.5, 1] of stepwise EM's steps ``eta_t = (t +
-        step_offset) ** -alpha``: smaller forgets old mini-batches faster.
-        Chosen with the same benchmark: with 0.7 stepwise was within 1e-3
-        nats/sample of the batch optimum after 1 pass on the separated set
-        (0.6: 2 passes) and after 3 passes on the 400k set (0.6: not
-        within 3).
+        step_offset) ** -alpha``: smaller takes larger steps and forgets old
+        mini-batches faster. With ``average`` (Polyak-Ruppert), steps should
+        decay as slowly as the theory allows: they make the progress, the
+        average removes their noise. In the benchmark, 1,000 rows and 0.51
+        with averaging were within 1e-3 nats/sample of (or above) the batch
+        EM optimum after one pass on both 4M sets and after three on the
+        400k set; without averaging the noise of such steps kept stepwise
+        4e-3 below it, and with smaller steps (2,000 rows, 0.6 or 0.7) it
+        stayed in a poorer optimum of the overlapping set, 5e-3 below.
     step_offset : float, default=2.0
         ``t0 >= 1`` in the steps above (1 makes the first step 1).
     step_size : float, optional
@@ -151,6 +155,15 @@ COMMON_PARAMS_DOC = """
         ``random_state``) and the rows of a chunk in a shuffled order
         (stepwise) or its mini-batches in a shuffled order (incremental);
         False: storage order.
+    average : bool, default=True
+        Stepwise EM: each pass ends at the M-step of the running statistics
+        averaged over the mini-batches of the pass's second half
+        (Polyak-Ruppert averaging) and the next pass continues from there.
+        The running statistics follow the last mini-batches, so their noise
+        grows as steps get larger; the average keeps large steps (which
+        move fast, and out of poor optima) without that noise.
+        :meth:`partial_fit` and :meth:`update` do not average: they follow
+        the rows they are given.
     monitor : {"online", "exact"}, default="online"
         The mean log-likelihood an online pass reports: "online" averages
         every mini-batch's log-likelihood under the parameters of its
@@ -426,7 +439,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         family = self._family(fitted=not first)
         scheduler = resolve_scheduler(self.client)
         passes = DataPasses(data, scheduler, progress=progress)
-        settings = replace(self._online_settings(), algorithm="stepwise", shuffle=False, rows=float(seen + data.n_samples))
+        settings = replace(self._online_settings(), algorithm="stepwise", shuffle=False, average=False, rows=float(seen + data.n_samples))
         rng = check_random_state(self.random_state)
         try:
             if first:
@@ -499,7 +512,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         seen = self._rows_seen()
         step_size = self.step_size if step_size is None else step_size
         try:
-            self.set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size)
+            self.set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size, average=False)
             if step_size is None:  # a running average: eta = 1 / (t + t0) with t + t0 = rows seen / batch_size
                 self.set_params(step_decay=1.0)
                 self._check_parameters()
@@ -664,6 +677,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         return OnlineSettings(
             algorithm, int(self.batch_size), float(self.step_decay), float(self.step_offset),
             None if self.step_size is None else float(self.step_size), bool(self.shuffle),
+            average=algorithm == "stepwise" and bool(self.average),
         )  # fmt: skip
 
     def _rows_seen(self) -> int:
@@ -866,7 +880,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             isinstance(self.step_size, bool) or not isinstance(self.step_size, Real) or not 0.0 < self.step_size <= 1.0
         ):
             raise ValueError(f"step_size must be None or a number in (0, 1], got {self.step_size!r}")
-        for name in ("shuffle", "learn_weights"):
+        for name in ("shuffle", "average", "learn_weights"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_prior()
