@@ -1,8 +1,11 @@
 """The ``streamem`` command line (issue 4, items 2, 3, 5, 7 and 8).
 
-Every command runs through the real entry point in a subprocess
-(``python -m streamem.cli``); results are compared with the library run in
-process, with scikit-learn, or with closed forms.
+Commands run through :func:`streamem.cli.main` in process (``cli_main``: no
+interpreter start per command) without a cluster (``--workers 0``), except
+where the process is the point (the nightly script runs the real command);
+the checks made before any work keep ``--workers 1``, so that a cluster
+started too early would print its dashboard line. Results are compared with
+the library run in process, with scikit-learn, or with closed forms.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from workflow_helpers import (
     assert_same_params,
     check_ok,
     check_usage_error,
-    cli,
+    cli_main,
     inits,
     mixture_sample,
     nightly_bin,
@@ -42,6 +45,7 @@ from workflow_helpers import (
 N_ROWS = 4500
 CHUNK_ROWS = 700  # 6 chunks of 700 and one of 300
 LOCAL = ("--workers", 1, "--threads-per-worker", 1)
+NO_CLUSTER = ("--workers", 0)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def test_fit_flags_give_the_library_model(data_path, tmp_path):
     for name, value in settings.items():
         flags += ["--" + name.replace("_", "-"), value]
     out = tmp_path / "model.zarr"
-    check_ok(cli("fit", data_path, "--out", out, *flags, "--workers", 2, "--threads-per-worker", 1, "--quiet"))
+    check_ok(cli_main("fit", data_path, "--out", out, *flags, *NO_CLUSTER, "--quiet"))
 
     reference = quiet_fit(streamem.GaussianMixture(**settings), data_path)
     model = streamem.load(out)
@@ -82,7 +86,7 @@ def test_fit_flags_give_the_library_model(data_path, tmp_path):
         assert model.get_params()[name] == value, name
     assert model.fit_data_["source"] == data_path
 
-    info = check_ok(cli("info", out)).stdout
+    info = check_ok(cli_main("info", out)).stdout
     assert "3 components" in info and "'tied'" in info
     assert f"iterations: {reference.n_iter_}" in info and "converged: False" in info
     assert f"{reference.lower_bound_:.10g}" in info
@@ -97,13 +101,12 @@ def test_fit_config_file_and_flags_override_it(X, data_path, tmp_path):
         "tol": 0,  # an int where a float is expected is fine
         "max_iter": 2,
         **npy,
-        "workers": 1,
-        "threads_per_worker": 1,
+        "workers": 0,
     }
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(config))
     out = tmp_path / "model.zarr"
-    proc = check_ok(cli("fit", "--config", cfg, data_path, "--out", out, "--max-iter", 5, "--quiet"))
+    proc = check_ok(cli_main("fit", "--config", cfg, data_path, "--out", out, "--max-iter", 5, "--quiet"))
     assert proc.stderr == "", f"--quiet printed on stderr:\n{proc.stderr}"
 
     model = streamem.load(out)
@@ -124,26 +127,26 @@ def test_fit_config_file_and_flags_override_it(X, data_path, tmp_path):
 def test_bad_config_exits_2_with_one_line(data_path, tmp_path, text, key):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    proc = cli("fit", "--config", cfg, data_path, "--out", tmp_path / "m.zarr")
+    proc = cli_main("fit", "--config", cfg, data_path, "--out", tmp_path / "m.zarr")
     line = check_usage_error(proc, repr(key))
     assert "config" in line
     assert not (tmp_path / "m.zarr").exists()
 
 
 def test_missing_argument_exits_2(data_path):
-    proc = cli("fit", data_path, "--n-components", 3)  # no --out
+    proc = cli_main("fit", data_path, "--n-components", 3)  # no --out
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--out" in proc.stderr
 
 
 def test_missing_data_path_exits_2_with_one_line(tmp_path):
     missing = tmp_path / "no-such-data.zarr"
-    proc = cli("fit", missing, "--out", tmp_path / "m.zarr", "--n-components", 3)
+    proc = cli_main("fit", missing, "--out", tmp_path / "m.zarr", "--n-components", 3)
     check_usage_error(proc, "no-such-data.zarr")
 
 
 def test_unreachable_scheduler_is_named(data_path, tmp_path):
-    proc = cli("fit", data_path, "--out", tmp_path / "m.zarr", "--n-components", 3, "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", 2)
+    proc = cli_main("fit", data_path, "--out", tmp_path / "m.zarr", "--n-components", 3, "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", 2)
     assert proc.returncode != 0
     assert "127.0.0.1:9" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -194,7 +197,7 @@ def test_slurm_config_renders_a_job_script():
 # -------------------------------------------------------------------- predict
 def test_predict_writes_labels_proba_and_loglik_with_the_input_chunks(X, data_path, model_path, tmp_path):
     out = tmp_path / "pred.zarr"
-    check_ok(cli("predict", model_path, data_path, "--out", out, "--proba", "--score", *LOCAL, "--quiet"))
+    check_ok(cli_main("predict", model_path, data_path, "--out", out, "--proba", "--score", *NO_CLUSTER, "--quiet"))
     model = streamem.load(model_path)
     ds = xr.open_zarr(out, consolidated=False)
     assert set(ds.data_vars) == {"labels", "proba", "log_likelihood"}
@@ -225,7 +228,7 @@ def test_predict_xarray_dataset_keeps_the_time_coordinate(X, model_path, tmp_pat
     data = tmp_path / "obs.zarr"
     ds_in.to_zarr(data, zarr_format=3, consolidated=False)
     out = tmp_path / "pred.zarr"
-    check_ok(cli("predict", model_path, data, "--variable", "obs", "--sample-dim", "time", "--out", out, "--proba", *LOCAL, "--quiet"))
+    check_ok(cli_main("predict", model_path, data, "--variable", "obs", "--sample-dim", "time", "--out", out, "--proba", *NO_CLUSTER, "--quiet"))
 
     model = streamem.load(model_path)
     ds = xr.open_zarr(out, consolidated=False)
@@ -240,7 +243,7 @@ def test_predict_xarray_dataset_keeps_the_time_coordinate(X, model_path, tmp_pat
 
 # ---------------------------------------------------------------------- score
 def test_score_prints_mean_loglik_bic_aic(X, data_path, model_path):
-    proc = check_ok(cli("score", model_path, data_path, *LOCAL, "--quiet"))
+    proc = check_ok(cli_main("score", model_path, data_path, *NO_CLUSTER, "--quiet"))
     values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     sk = sklearn_from(streamem.load(model_path))
     assert int(values["rows"]) == N_ROWS
@@ -252,7 +255,7 @@ def test_score_prints_mean_loglik_bic_aic(X, data_path, model_path):
 # ------------------------------------------------------------------- generate
 def test_generate_shape_chunks_dtype_and_overwrite(tmp_path):
     out = tmp_path / "gen.zarr"
-    check_ok(cli("generate", out, "--n-samples", 5000, "--n-features", 4, "--n-components", 3, "--chunk-rows", 1200, "--dtype", "float32", "--seed", 3, "--quiet"))
+    check_ok(cli_main("generate", out, "--n-samples", 5000, "--n-features", 4, "--n-components", 3, "--chunk-rows", 1200, "--dtype", "float32", "--seed", 3, "--quiet"))
     arr = zarr.open_array(out, mode="r")
     assert arr.shape == (5000, 4) and arr.chunks == (1200, 4) and arr.dtype == np.float32
     values = arr[...]
@@ -262,11 +265,11 @@ def test_generate_shape_chunks_dtype_and_overwrite(tmp_path):
     assert weights.shape == (3,) and means.shape == (3, 4)
     assert_allclose(values.mean(axis=0), weights @ means, atol=0.2)
 
-    again = cli("generate", out, "--n-samples", 100, "--n-features", 2, "--quiet")
+    again = cli_main("generate", out, "--n-samples", 100, "--n-features", 2, "--quiet")
     check_usage_error(again, "overwrite")
     assert zarr.open_array(out, mode="r").shape == (5000, 4)
 
-    check_ok(cli("generate", out, "--n-samples", 3000, "--n-features", 2, "--n-components", 2, "--chunk-rows", 1000, "--overwrite", "--quiet"))
+    check_ok(cli_main("generate", out, "--n-samples", 3000, "--n-features", 2, "--n-components", 2, "--chunk-rows", 1000, "--overwrite", "--quiet"))
     arr = zarr.open_array(out, mode="r")
     assert arr.shape == (3000, 2) and arr.chunks == (1000, 2) and arr.dtype == np.float64
     assert sorted(os.listdir(tmp_path)) == ["gen.zarr"]
@@ -280,8 +283,8 @@ def test_plot_writes_png_wider_with_data(data_path, model_path, tmp_path):
     import matplotlib.image
 
     curve, scatter = tmp_path / "curve.png", tmp_path / "scatter.png"
-    check_ok(cli("plot", model_path, "--out", curve, "--quiet"))
-    check_ok(cli("plot", model_path, "--out", scatter, "--data", data_path, "--n-points", 800, "--quiet"))
+    check_ok(cli_main("plot", model_path, "--out", curve, "--quiet"))
+    check_ok(cli_main("plot", model_path, "--out", scatter, "--data", data_path, "--n-points", 800, "--quiet"))
     shapes = []
     for path in (curve, scatter):
         data = path.read_bytes()
@@ -327,7 +330,7 @@ def test_fit_init_from_keeps_component_labels(tmp_path):
     relabelled.save(tmp_path / "old.zarr")
 
     out = tmp_path / "refit.zarr"
-    check_ok(cli("fit", new_path, "--init-from", tmp_path / "old.zarr", "--out", out, "--tol", 1e-6, "--max-iter", 50, *LOCAL, "--quiet"))
+    check_ok(cli_main("fit", new_path, "--init-from", tmp_path / "old.zarr", "--out", out, "--tol", 1e-6, "--max-iter", 50, *NO_CLUSTER, "--quiet"))
     refit = streamem.load(out)
     assert refit.n_components == 3 and refit.covariance_type == "full"
     # Component k of the new model is component k of the (relabelled) old one, refitted on new rows.
@@ -353,9 +356,9 @@ def test_nightly_refit_script_twice(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     config = tmp_path / "nightly.yaml"
-    config.write_text(yaml.safe_dump({"tol": 1e-6, "max_iter": 60, "workers": 1, "threads_per_worker": 1}))
+    config.write_text(yaml.safe_dump({"tol": 1e-6, "max_iter": 60, "workers": 0}))
     days = ("2024-03-01", "2024-03-02")
-    data = [write_zarr(tmp_path / f"data-{day}.zarr", mixture_sample(8000, seed=70 + i), 2000) for i, day in enumerate(days)]
+    data = [write_zarr(tmp_path / f"data-{day}.zarr", mixture_sample(4000, seed=70 + i), 1000) for i, day in enumerate(days)]
 
     def run(day: str, data_path: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, STREAMEM=str(wrapper), FAKE_DATE=day, N_COMPONENTS="3", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -424,7 +427,7 @@ def _command_writing(command: str, out, data_path: str, model_path: str, tmp_pat
 def test_out_in_a_missing_directory_is_refused_before_any_work(command, data_path, model_path, tmp_path):
     out = tmp_path / "no" / "such" / "dir" / "out.zarr"
     # Not --quiet: a started cluster would print its dashboard line, a second line on stderr.
-    proc = cli(*_command_writing(command, out, data_path, model_path, tmp_path))
+    proc = cli_main(*_command_writing(command, out, data_path, model_path, tmp_path))
     line = check_usage_error(proc, "--out", os.fspath(tmp_path / "no"), "does not exist")
     assert "no-such-shard" not in line
     assert not (tmp_path / "no").exists()
@@ -435,7 +438,7 @@ def test_existing_out_is_refused_before_any_work_without_overwrite(command, data
     out = tmp_path / "out.zarr"
     out.mkdir()
     (out / "keep").write_text("old")
-    proc = cli(*_command_writing(command, out, data_path, model_path, tmp_path))
+    proc = cli_main(*_command_writing(command, out, data_path, model_path, tmp_path))
     check_usage_error(proc, "--out", os.fspath(out), "--overwrite")
     assert os.listdir(out) == ["keep"] and sorted(os.listdir(tmp_path)) == ["out.zarr"]
 
@@ -443,7 +446,7 @@ def test_existing_out_is_refused_before_any_work_without_overwrite(command, data
 @pytest.mark.parametrize("command", ["fit", "predict", "accumulate", "reduce"])
 def test_out_under_a_file_is_refused_before_any_work(command, data_path, model_path, tmp_path):
     (tmp_path / "plain").write_text("a file, not a directory")
-    proc = cli(*_command_writing(command, tmp_path / "plain" / "out.zarr", data_path, model_path, tmp_path))
+    proc = cli_main(*_command_writing(command, tmp_path / "plain" / "out.zarr", data_path, model_path, tmp_path))
     check_usage_error(proc, "--out", os.fspath(tmp_path / "plain"), "not a directory")
 
 
@@ -469,13 +472,13 @@ def test_plot_takes_a_feature_time_store_with_sample_dim(X, data_path, model_pat
 
     store = _write_feature_time_store(tmp_path / "obs.zarr", X, 900)
     from_rows, from_store = tmp_path / "rows.png", tmp_path / "store.png"
-    check_ok(cli("plot", model_path, "--out", from_rows, "--data", data_path, "--n-points", 600, "--quiet"))
-    check_ok(cli("plot", model_path, "--out", from_store, "--data", store, "--variable", "obs", "--sample-dim", "time",
+    check_ok(cli_main("plot", model_path, "--out", from_rows, "--data", data_path, "--n-points", 600, "--quiet"))
+    check_ok(cli_main("plot", model_path, "--out", from_store, "--data", store, "--variable", "obs", "--sample-dim", "time",
                  "--n-points", 600, "--quiet"))  # fmt: skip
     # The same rows are drawn (the sample is by global row index), so the same picture.
     assert_array_equal(matplotlib.image.imread(from_store), matplotlib.image.imread(from_rows))
     # Without --sample-dim the first dimension (feature) is taken as samples: 3 "rows" of 4500 features.
-    proc = cli("plot", model_path, "--out", tmp_path / "bad.png", "--data", store, "--variable", "obs", "--quiet")
+    proc = cli_main("plot", model_path, "--out", tmp_path / "bad.png", "--data", store, "--variable", "obs", "--quiet")
     check_usage_error(proc, "4500 features", "3")
 
 
@@ -484,14 +487,14 @@ def test_plot_takes_a_feature_time_store_with_sample_dim(X, data_path, model_pat
 def test_data_with_another_feature_count_exits_2_naming_the_counts(command, X, model_path, tmp_path):
     two = write_zarr(tmp_path / "two.zarr", np.ascontiguousarray(X[:, :2]), CHUNK_ROWS)
     extra = ("--out", tmp_path / "pred.zarr") if command == "predict" else ()
-    proc = cli(command, model_path, two, *extra, *LOCAL, "--quiet")
+    proc = cli_main(command, model_path, two, *extra, *LOCAL, "--quiet")
     check_usage_error(proc, "2 features", "expecting 3 features")
     assert not (tmp_path / "pred.zarr").exists()
 
 
 def test_score_of_a_feature_time_store_with_sample_dim(X, model_path, tmp_path):
     store = _write_feature_time_store(tmp_path / "obs.zarr", X, 900)
-    proc = check_ok(cli("score", model_path, store, "--variable", "obs", "--sample-dim", "time", *LOCAL, "--quiet"))
+    proc = check_ok(cli_main("score", model_path, store, "--variable", "obs", "--sample-dim", "time", *NO_CLUSTER, "--quiet"))
     values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert int(values["rows"]) == N_ROWS
     assert_allclose(float(values["mean log-likelihood"]), sklearn_from(streamem.load(model_path)).score(X), rtol=1e-9)
@@ -506,14 +509,14 @@ def test_predict_and_score_align_a_stored_feature_coordinate(X, tmp_path):
     order = [2, 0, 1]
     shuffled = xr.Dataset({"obs": (("band", "time"), X[:, order].T.copy())}, coords={"band": [names[i] for i in order]})
     shuffled.chunk({"time": 1000}).to_zarr(tmp_path / "obs.zarr", zarr_format=3, consolidated=False)
-    where = ("--variable", "obs", "--sample-dim", "time", *LOCAL, "--quiet")
+    where = ("--variable", "obs", "--sample-dim", "time", *NO_CLUSTER, "--quiet")
 
     out = tmp_path / "pred.zarr"
-    check_ok(cli("predict", tmp_path / "model.zarr", tmp_path / "obs.zarr", "--out", out, "--score", *where))
+    check_ok(cli_main("predict", tmp_path / "model.zarr", tmp_path / "obs.zarr", "--out", out, "--score", *where))
     ds = xr.open_zarr(out, consolidated=False)
     sk = sklearn_from(model)
     assert_array_equal(ds["labels"].values, sk.predict(X))
     assert_allclose(ds["log_likelihood"].values, sk.score_samples(X), rtol=1e-10)
-    proc = check_ok(cli("score", tmp_path / "model.zarr", tmp_path / "obs.zarr", *where))
+    proc = check_ok(cli_main("score", tmp_path / "model.zarr", tmp_path / "obs.zarr", *where))
     values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert_allclose(float(values["mean log-likelihood"]), sk.score(X), rtol=1e-9)
