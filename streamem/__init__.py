@@ -1,22 +1,51 @@
-"""streamem: out-of-core, distributed EM for mixture models on Dask + Zarr."""
+"""streamem: out-of-core, distributed EM for mixture models on Dask + Zarr.
 
+The public names are imported on first use (PEP 562): ``import streamem``
+alone does not import Dask, xarray or scikit-learn, so the command line can
+answer a Ctrl-C during its imports with one line (:mod:`streamem._entry`).
+"""
+
+from __future__ import annotations
+
+import importlib
 import logging
-
-from streamem.data import load_data
-from streamem.estimators import (
-    BernoulliMixture,
-    BinomialMixture,
-    CategoricalMixture,
-    GaussianMixture,
-    MixtureEstimator,
-    PoissonMixture,
-)
-from streamem.io import load_model as load
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "BernoulliMixture", "BinomialMixture", "CategoricalMixture", "GaussianMixture", "MixtureEstimator", "PoissonMixture",
-    "load", "load_data", "__version__",
-]  # fmt: skip
+#: Public name -> (module, attribute).
+_PUBLIC = {
+    **{name: ("streamem.estimators", name) for name in (
+        "BernoulliMixture", "BinomialMixture", "CategoricalMixture", "GaussianMixture", "MixtureEstimator", "PoissonMixture",
+    )},
+    "load": ("streamem.io", "load_model"),
+    "load_data": ("streamem.data", "load_data"),
+}  # fmt: skip
+__all__ = [*_PUBLIC, "__version__"]
 
 logging.getLogger("streamem").addHandler(logging.NullHandler())
+
+if TYPE_CHECKING:
+    from streamem.data import load_data
+    from streamem.estimators import (
+        BernoulliMixture,
+        BinomialMixture,
+        CategoricalMixture,
+        GaussianMixture,
+        MixtureEstimator,
+        PoissonMixture,
+    )
+    from streamem.io import load_model as load
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'streamem' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    importlib.import_module("streamem.estimators")  # model files name their class: every built-in one is registered
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -344,8 +344,7 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
 
     from streamem import cluster as clusters
 
-    if quiet:
-        clusters.quiet_dask_logs()
+    clusters.quiet_dask_logs(this_process=quiet)
     address = settings.get("scheduler")
     jobs = "cluster" in settings and not address
     timeout = settings.get("worker_timeout", clusters.JOB_WORKER_TIMEOUT if jobs else clusters.WORKER_TIMEOUT)

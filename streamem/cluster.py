@@ -348,13 +348,20 @@ def guarded_run(client: Any, n_workers: int, timeout: float, failures: list[Base
         watch.stop()
 
 
-def quiet_dask_logs() -> None:
-    """Silence Dask's own log lines, in this process and in worker processes started from now on."""
+def quiet_dask_logs(this_process: bool = True) -> None:
+    """Silence Dask's own log lines in worker processes started from now on and, with ``this_process``, in this one.
+
+    A worker logs a failed task with its traceback ("Compute Failed") while
+    the client receives the same error, which the command line reports in
+    one line: the workers' copy is noise.
+    """
     import os
 
     import warnings
 
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"
+    if not this_process:
+        return
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # The dashboard moves to a free port by itself: not worth a warning on a quiet run.

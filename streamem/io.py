@@ -48,6 +48,8 @@ FORMAT_NAME = "streamem-model"
 PREDICTIONS_FORMAT = "streamem-predictions"
 #: The ``format`` attributes of the stores streamem writes: the only stores ``overwrite=True`` replaces.
 STREAMEM_FORMATS = (FORMAT_NAME, "streamem-stats", "streamem-checkpoint", PREDICTIONS_FORMAT)
+#: The format of the data ``streamem generate`` writes: data, an input, so only ``generate`` replaces it.
+GENERATED_FORMAT = "streamem-generated"
 
 #: Model-file variables of the online state besides its statistics (absent from older files, which still load).
 _ONLINE_CENTER = "online_center"
@@ -126,13 +128,17 @@ def atomic_write(
         _remove(old)
 
 
-def check_replaceable(path: Any, storage_options: dict[str, Any] | None = None) -> None:
+def check_replaceable(
+    path: Any, storage_options: dict[str, Any] | None = None, *, formats: tuple[str, ...] = STREAMEM_FORMATS
+) -> None:
     """Refuse to replace ``path`` unless nothing is there or it is a store streamem wrote.
 
-    A store streamem wrote has a ``format`` attribute in
-    :data:`STREAMEM_FORMATS`; anything else (the user's data, a directory,
-    a file; at a URL: objects that are not a Zarr store) is refused, so
-    ``--overwrite`` cannot destroy an input given as the output by mistake.
+    A store streamem wrote has a ``format`` attribute in ``formats``
+    (default :data:`STREAMEM_FORMATS`; :func:`streamem.generate.generate`
+    replaces only its own data, :data:`GENERATED_FORMAT`); anything else
+    (the user's data, a directory, a file; at a URL: objects that are not a
+    Zarr store) is refused, so ``--overwrite`` cannot destroy an input given
+    as the output by mistake.
 
     Raises
     ------
@@ -142,32 +148,37 @@ def check_replaceable(path: Any, storage_options: dict[str, Any] | None = None) 
     if storage.is_remote(path):
         where = storage.describe(path)
         state, attrs = storage.store_state(storage.open_store(path, storage_options, read_only=True), where)
-        held = _foreign_attrs(attrs) if state == "store" else "objects that are not a Zarr store" if state == "foreign" else None
+        held = _foreign_attrs(attrs, formats) if state == "store" else "objects that are not a Zarr store" if state == "foreign" else None
         if held is not None:
-            raise ValueError(storage.replaceable_message(where, held))
+            raise ValueError(storage.replaceable_message(where, held) if formats == STREAMEM_FORMATS
+                             else _refusal(where, held, formats))  # fmt: skip
         return
     path = os.path.expanduser(os.fspath(path))
     for _ in range(_OPEN_ATTEMPTS):
         before = _identity(path)
-        held = _foreign_content(path)
+        held = _foreign_content(path, formats)
         if held is None:
             return
         if _identity(path) == before:  # not a store swapped in or out while we looked
             break
-    raise ValueError(
-        f"{path!r} holds {held}, not a store written by streamem; overwrite=True (--overwrite) replaces only "
-        f"streamem's own stores (format attribute one of {list(STREAMEM_FORMATS)}): remove it yourself or write elsewhere"
-    )
+    raise ValueError(_refusal(path, held, formats))
 
 
-def _foreign_attrs(attrs: dict[str, Any]) -> str | None:
-    """What a Zarr store with root attributes ``attrs`` is, when streamem did not write it (None: it did)."""
+def _refusal(where: str, held: str, formats: tuple[str, ...]) -> str:
+    """The refusal to replace ``where``, which holds ``held`` (a description) and is not one of ``formats``."""
+    own = "streamem's own stores" if formats == STREAMEM_FORMATS else "data streamem generate wrote"
+    return (f"{where!r} holds {held}, not a store written by streamem; overwrite=True (--overwrite) replaces only "
+            f"{own} (format attribute one of {list(formats)}): remove it yourself or write elsewhere")
+
+
+def _foreign_attrs(attrs: dict[str, Any], formats: tuple[str, ...] = STREAMEM_FORMATS) -> str | None:
+    """What a Zarr store with root attributes ``attrs`` is, when it is not one of ``formats`` (None: it is)."""
     fmt = attrs.get("format")
-    return None if fmt in STREAMEM_FORMATS else f"a Zarr store whose 'format' attribute is {fmt!r}"
+    return None if fmt in formats else f"a Zarr store whose 'format' attribute is {fmt!r}"
 
 
-def _foreign_content(path: str) -> str | None:
-    """What is at ``path`` when it is not a streamem store (None: nothing there, or a streamem store)."""
+def _foreign_content(path: str, formats: tuple[str, ...] = STREAMEM_FORMATS) -> str | None:
+    """What is at ``path`` when it is not a store of ``formats`` (None: nothing there, or such a store)."""
     if not os.path.lexists(path):
         return None
     if not os.path.exists(path):
@@ -185,7 +196,7 @@ def _foreign_content(path: str) -> str | None:
             fmt = attrs.get("format") if isinstance(attrs, dict) else None
         except (OSError, ValueError, AttributeError):
             return f"a directory with an unreadable {meta}"
-        return None if fmt in STREAMEM_FORMATS else f"a Zarr store whose 'format' attribute is {fmt!r}"
+        return None if fmt in formats else f"a Zarr store whose 'format' attribute is {fmt!r}"
     if os.path.isfile(os.path.join(path, ".zarray")) or os.path.isfile(os.path.join(path, ".zgroup")):
         return "a Zarr store whose 'format' attribute is None"
     return "a directory that is not a Zarr store"
@@ -564,7 +575,7 @@ def load_model(path: Any, storage_options: dict[str, Any] | None = None) -> Any:
         ``path`` is not a streamem model, is truncated, or was written by a
         newer streamem.
     """
-    from streamem.estimators.base import estimator_class
+    from streamem.estimators import estimator_class  # the package: every built-in class registered
 
     ds = open_dataset(path, storage_options=storage_options)
     name = storage.describe(path)

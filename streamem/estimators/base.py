@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -864,6 +865,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
                 "the initialisation needs at least one sampled row per component"
             )
         _check_real("tol", self.tol, 0.0)
+        _check_random_state(self.random_state)
         if self.persist not in PERSIST_MODES:
             raise ValueError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
         if self.init_params not in INIT_METHODS:
@@ -947,8 +949,16 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 
 def _check_real(name: str, value: Any, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value >= low:
-        raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not low <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+
+
+def _check_random_state(value: Any) -> None:
+    """What ``check_random_state`` takes, refused here before any work rather than when the fit first draws."""
+    if value is None or isinstance(value, np.random.RandomState):
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value < 2**32:
+        raise ValueError(f"random_state must be None, an int in [0, 2**32 - 1] or a numpy RandomState, got {value!r}")
 
 
 def _as_shape(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
