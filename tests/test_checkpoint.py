@@ -23,7 +23,7 @@ from numpy.testing import assert_allclose
 
 import streamem
 from streamem.checkpoint import MARKER, data_fingerprint, fit_settings, load_checkpoint
-from workflow_helpers import REPO, assert_same_params, check_ok, check_usage_error, cli, inits, mixture_sample, quiet_fit, write_zarr
+from workflow_helpers import REPO, assert_same_params, check_ok, check_usage_error, cli_main, inits, mixture_sample, quiet_fit, write_zarr
 
 RTOL = 1e-12
 #: Components overlap at this spread, so EM changes the parameters every iteration.
@@ -117,10 +117,9 @@ def test_checkpoint_for_other_settings_is_refused(checkpointed, data_path, chang
 def test_cli_refuses_a_checkpoint_of_other_settings(checkpointed, data_path, tmp_path):
     """``--resume`` with other settings: exit 2 and one line naming the setting, no model written."""
     out = tmp_path / "model.zarr"
-    proc = cli(
+    proc = cli_main(
         "fit", data_path, "--out", out, "--checkpoint", checkpointed, "--resume",
-        "--n-components", 4, "--tol", 0, "--max-iter", 6, "--random-state", 0,
-        "--workers", 1, "--threads-per-worker", 1, "--quiet",
+        "--n-components", 4, "--tol", 0, "--max-iter", 6, "--random-state", 0, "--workers", 0, "--quiet",
     )  # fmt: skip
     check_usage_error(proc, "n_components", "other settings")
     assert not out.exists()
@@ -201,7 +200,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         assert all(np.isfinite(a).all() for a in arrays.values())
         last_iteration, pointer = iteration, _pointer(ckpt)
 
-    check_ok(cli(*args))
+    # The resume that finishes: in this process (no interpreter start), on a LocalCluster as the killed runs.
+    check_ok(cli_main(*args))
     model = streamem.load(out)
     assert model.n_iter_ == KILL_MAX_ITER
     assert_same_params(model, reference, RTOL)

@@ -27,7 +27,7 @@ from numpy.testing import assert_array_equal
 
 import streamem
 from streamem.checkpoint import MARKER, data_fingerprint, fit_settings, load_checkpoint
-from workflow_helpers import REPO, assert_same_params, check_usage_error, cli, mixture_sample, quiet_fit, write_zarr
+from workflow_helpers import REPO, assert_same_params, check_usage_error, cli_main, mixture_sample, quiet_fit, write_zarr
 
 RTOL = 1e-12
 SPREAD = 0.25
@@ -81,10 +81,7 @@ def test_cli_refuses_a_directory_of_other_files(data_path, tmp_path):
     ckpt.mkdir()
     (ckpt / "notes.txt").write_text("mine")
     out = tmp_path / "model.zarr"
-    proc = cli(
-        "fit", data_path, "--out", out, "--checkpoint", ckpt, "--n-components", 3, "--max-iter", 2,
-        "--workers", 1, "--threads-per-worker", 1, "--quiet",
-    )  # fmt: skip
+    proc = cli_main("fit", data_path, "--out", out, "--checkpoint", ckpt, "--n-components", 3, "--max-iter", 2, "--workers", 0, "--quiet")
     check_usage_error(proc, str(ckpt), "notes.txt")
     assert os.listdir(ckpt) == ["notes.txt"] and not out.exists()
 
