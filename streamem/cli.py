@@ -486,7 +486,15 @@ def _say(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", storage_options: dict[str, Any] | None = None) -> None:
+def check_out(
+    path: str | os.PathLike,
+    overwrite: bool,
+    flag: str = "--out",
+    storage_options: dict[str, Any] | None = None,
+    *,
+    formats: tuple[str, ...] | None = None,
+    any_file: bool = False,
+) -> None:
     """Refuse an output path that cannot be written, before any work starts.
 
     Parameters
@@ -499,13 +507,20 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", sto
         The option named in the error.
     storage_options : dict, optional
         The fsspec backend's options of a URL.
+    formats : tuple of str, optional
+        The ``format`` attributes of the stores ``overwrite`` may replace
+        (default :data:`streamem.io.STREAMEM_FORMATS`), checked now as the
+        writer checks them when it saves, after the work.
+    any_file : bool, default=False
+        Whatever is at ``path`` may be replaced (a picture, a report): no format check.
 
     Raises
     ------
     UsageError
-        When ``path`` exists and ``overwrite`` is false, or its directory
-        does not exist, is not a directory, or is not writable; for a URL,
-        when a store is there and ``overwrite`` is false.
+        When ``path`` exists and ``overwrite`` is false, or holds something
+        ``overwrite`` may not replace (not one of ``formats``), or its
+        directory does not exist, is not a directory, or is not writable;
+        for a URL, when a store is there and ``overwrite`` is false.
     OSError
         A URL whose endpoint or bucket cannot be reached (exit status 2 too).
     """
@@ -519,6 +534,8 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", sto
             raise UsageError(f"{flag}: {where!r} exists; pass --overwrite to replace it")
         if state == "foreign":
             raise UsageError(f"{flag}: {where!r} holds objects that are not a Zarr store; write elsewhere")
+        if state == "store" and overwrite and not any_file:
+            _check_replaceable(path, flag, storage_options, formats)
         return
     path = os.path.expanduser(os.fspath(path))  # as the writers spell it
     if os.path.lexists(path) and not overwrite:
@@ -534,6 +551,19 @@ def check_out(path: str | os.PathLike, overwrite: bool, flag: str = "--out", sto
     # Writing a store creates entries in the directory (a temporary name, then a rename).
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag}: cannot write {path!r}: directory {parent!r} is not writable")
+    if overwrite and not any_file and os.path.lexists(path):
+        _check_replaceable(path, flag, storage_options, formats)
+
+
+def _check_replaceable(path: str | os.PathLike, flag: str, storage_options: dict[str, Any] | None,
+                       formats: tuple[str, ...] | None) -> None:  # fmt: skip
+    """``io.check_replaceable`` before the work (the writer checks again when it saves), naming ``flag``."""
+    from streamem.io import STREAMEM_FORMATS, check_replaceable
+
+    try:
+        check_replaceable(path, storage_options, formats=formats or STREAMEM_FORMATS)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -551,7 +581,9 @@ def _real(path: str | os.PathLike) -> str:
     return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
 
 
-def check_distinct(*places: tuple[str, str | os.PathLike | None], may_hold: Sequence[str] = ()) -> None:
+def check_distinct(
+    *places: tuple[str, str | os.PathLike | None], may_hold: Sequence[str] = (), may_be: Sequence[str] = ()
+) -> None:
     """Refuse two of ``places`` that are one location, or one inside the other, before any work.
 
     Writing ``--out`` (with ``--overwrite``) or a checkpoint into the data,
@@ -565,6 +597,9 @@ def check_distinct(*places: tuple[str, str | os.PathLike | None], may_hold: Sequ
     may_hold : sequence of str
         Names of places that may hold the others (a checkpoint directory
         leaves entries that are not its own alone), but not be inside them.
+    may_be : sequence of str
+        Names of places that may be another one (``update``'s model,
+        replaced in place by ``--out``), but neither hold it nor be inside it.
 
     Raises
     ------
@@ -576,6 +611,8 @@ def check_distinct(*places: tuple[str, str | os.PathLike | None], may_hold: Sequ
         for name_b, b, real_b in given[i + 1:]:
             common = os.path.commonpath([real_a, real_b])
             if real_a == real_b:
+                if name_a in may_be or name_b in may_be:
+                    continue
                 relation = "is"
             elif common == real_b and name_b not in may_hold:
                 relation = "is inside"
@@ -715,6 +752,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     options = settings.get("storage_options")
     check_out(args.out, bool(settings.get("overwrite")), storage_options=options)
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
+    # --out may replace the --init-from model (read before the fit starts), not be written inside it.
+    check_distinct(("--out", args.out), ("--init-from", settings.get("init_from")), may_be=["--init-from"])
     report = check_performance_report(args, settings)
     where = data_keywords(settings)
     data = streamem.load_data(args.data, **where)  # lazy: fail before the cluster starts
@@ -930,9 +969,10 @@ def cmd_update(args: argparse.Namespace) -> None:
     overwrite = bool(settings.get("overwrite"))
     options = settings.get("storage_options")
     check_out(args.out, overwrite, storage_options=options)
-    # --out may replace MODEL (an update in place), but not the data; nor may the checkpoint sit in either.
+    # --out may replace MODEL (an update in place), but not the data, nor be inside MODEL; nor may the checkpoint sit in either.
     places = (("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data))
     check_distinct(*places, may_hold=["--checkpoint"])
+    check_distinct(("--out", args.out), ("model", args.model), may_be=["model"])
     check_distinct(("--checkpoint", settings.get("checkpoint")), ("model", args.model), may_hold=["--checkpoint"])
     report = check_performance_report(args, settings)
     model = streamem.load(args.model, storage_options=options)
@@ -1117,8 +1157,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from streamem.generate import generate
+    from streamem.io import GENERATED_FORMAT
 
-    check_out(args.out, args.overwrite, flag="OUT")
+    # generate replaces only data it wrote: never a directory of other things (the current one), a model or user data.
+    check_out(args.out, args.overwrite, flag="OUT", formats=(GENERATED_FORMAT,))
     tic = time.perf_counter()
     generate(args.out, args.n_samples, args.n_features, args.n_components, chunk_rows=args.chunk_rows,
              seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
@@ -1438,17 +1480,31 @@ def cli_words(message: str, args: argparse.Namespace) -> str:
         return f"the data have {rows[1]} rows, fewer than --n-components {rows[2]} (each component needs at least one row)"
     message = re.sub(r"^X: ", "data: ", message)
     message = re.sub(r"^X (has|is|contains|must) ", lambda m: f"the data {_PLURAL.get(m[1], m[1])} ", message)
-    names = "|".join(sorted(_KEYWORD_FLAGS, key=len, reverse=True))
+    flags = _KEYWORD_FLAGS | _COMMAND_KEYWORD_FLAGS.get(getattr(args, "command", None), {})
+    names = "|".join(sorted(flags, key=len, reverse=True))
     # name=value (value quoted or not, or none: "checkpoint= naming ...")
     message = re.sub(rf"(?<![\w\[.'\"-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;:()\[\]]*)",
-                     lambda m: _KEYWORD_FLAGS[m[1]] + (" " + m[2].strip("'\"") if m[2] not in ("", "True") else ""), message)
+                     lambda m: flags[m[1]] + (" " + m[2].strip("'\"") if m[2] not in ("", "True") else ""), message)
     # name as the subject of the sentence: "n_components must be ...", "checkpoint 'dir' was made for ..."
-    return re.sub(rf"(?<![\w\[.'\"-])({names})(?= must | contains | needs | '| \")", lambda m: _KEYWORD_FLAGS[m[1]], message)
+    message = re.sub(rf"(?<![\w\[.'\"-])({names})(?= must | contains | needs | '| \")", lambda m: flags[m[1]], message)
+    return _flags_once(message)
+
+
+def _flags_once(message: str) -> str:
+    """A flag named once: the library's ``overwrite=True (--overwrite)`` became ``--overwrite (--overwrite)``, and
+    ``--checkpoint: checkpoint 'dir' ...`` (a prefix on the library's message) ``--checkpoint: --checkpoint 'dir' ...``."""
+    message = re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)
+    return re.sub(r"^(--[\w-]+): (?=\1\b)", "", message)
 
 
 _PLURAL = {"has": "have", "is": "are", "contains": "contain"}
 #: The library's keywords that a flag of the same name sets, and the flag.
 _KEYWORD_FLAGS = {o.name: _flag(o.name) for o in FIT_OPTIONS + CLUSTER_OPTIONS} | {"rows": "--rows", "passes": "--passes"}
+#: Keywords of one command's library function and the flags that set them (``seed`` is --seed of these only).
+_COMMAND_KEYWORD_FLAGS = {
+    "generate": {name: _flag(name) for name in ("n_samples", "n_features", "chunk_rows", "seed", "dtype")},
+    "plot": {name: _flag(name) for name in ("features", "n_points", "seed")},
+}
 
 
 def _resume_advice(message: str) -> str:

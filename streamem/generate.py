@@ -51,24 +51,41 @@ def generate(
     seed : int, default=0
     dtype : {"float64", "float32"}, default="float64"
     overwrite : bool, default=False
-        Replace an existing store at ``path``.
+        Replace an existing store at ``path``, only when it is data this
+        function wrote (its ``format`` attribute is
+        :data:`streamem.io.GENERATED_FORMAT`): never a directory of other
+        things, nor a model or the user's data.
+
+    Raises
+    ------
+    ValueError
+        A size or seed out of range, or ``path`` holding something else with ``overwrite``.
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false.
     """
+    from streamem.io import GENERATED_FORMAT, check_replaceable
+
     for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components), ("chunk_rows", chunk_rows)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if int(seed) != seed or seed < 0:  # numpy's SeedSequence takes non-negative ints only
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if overwrite:  # before any work: the user's directory (the current one, even) is never deleted
+        check_replaceable(path, formats=(GENERATED_FORMAT,))
     truth = mixture_parameters(n_components, n_features, seed)
     chol = np.linalg.cholesky(truth["covariances"])
-    tmp = f"{path.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+    path = path.rstrip(os.sep) or os.sep
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         arr = zarr.create_array(
             tmp, shape=(n_samples, n_features), chunks=(chunk_rows, n_features), dtype=dtype, compressors=None, zarr_format=3
         )
-        arr.attrs.update({k: v.tolist() for k, v in truth.items()} | {"seed": seed, "generator": "streamem.generate"})
+        arr.attrs.update({k: v.tolist() for k, v in truth.items()} | {"seed": seed, "generator": "streamem.generate", "format": GENERATED_FORMAT})
         for i, start in enumerate(range(0, n_samples, chunk_rows)):
             rows = min(chunk_rows, n_samples - start)
             arr[start : start + rows] = _draw(truth, chol, rows, np.random.default_rng([seed, 1, i])).astype(dtype)

@@ -166,8 +166,11 @@ def check_replaceable(
 
 def _refusal(where: str, held: str, formats: tuple[str, ...]) -> str:
     """The refusal to replace ``where``, which holds ``held`` (a description) and is not one of ``formats``."""
-    own = "streamem's own stores" if formats == STREAMEM_FORMATS else "data streamem generate wrote"
-    return (f"{where!r} holds {held}, not a store written by streamem; overwrite=True (--overwrite) replaces only "
+    if formats == STREAMEM_FORMATS:
+        what, own = "a store written by streamem", "streamem's own stores"
+    else:
+        what, own = "data written by streamem generate", "such data"
+    return (f"{where!r} holds {held}, not {what}; overwrite=True (--overwrite) replaces only "
             f"{own} (format attribute one of {list(formats)}): remove it yourself or write elsewhere")
 
 
