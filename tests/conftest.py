@@ -1,4 +1,4 @@
-"""Shared fixtures: the test data (fixed seed), Zarr stores on disk, a LocalCluster."""
+"""Shared fixtures: the test data (fixed seed), Zarr stores on disk, a LocalCluster and its address for the CLI."""
 
 from __future__ import annotations
 
@@ -54,9 +54,13 @@ def inits(covariance_type) -> dict:
     return make_inits(covariance_type)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """A 2-process LocalCluster on loopback, started once per module that uses it."""
+    """A 2-process LocalCluster on loopback, started once for the whole run (a start costs seconds).
+
+    Shared by every module that asks for it: a test must leave it as it found
+    it (no worker killed or restarted; those tests start clusters of their own).
+    """
     from distributed import LocalCluster
 
     with LocalCluster(
@@ -67,3 +71,9 @@ def cluster():
         dashboard_address=":0",
     ) as lc:
         yield lc
+
+
+@pytest.fixture(scope="session")
+def scheduler_flags(cluster) -> tuple[str, str]:
+    """Command-line flags that run a command on the shared cluster (no cluster start of its own)."""
+    return ("--scheduler", cluster.scheduler_address)

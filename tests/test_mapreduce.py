@@ -15,14 +15,15 @@ from numpy.testing import assert_allclose
 
 import streamem
 from streamem.mapreduce import accumulate, reduce_stats, write_stats
-from workflow_helpers import COVARIANCE_TYPES, check_ok, check_usage_error, cli, inits, mixture_sample, quiet_fit, sklearn_fit, sklearn_from, write_zarr
+from workflow_helpers import COVARIANCE_TYPES, check_ok, check_usage_error, cli_main, inits, mixture_sample, quiet_fit, sklearn_fit, sklearn_from, write_zarr
 
 N_ROWS = 6000
 CHUNK_ROWS = 700
 #: Shard boundaries deliberately not on chunk boundaries; together they cover all rows.
 SHARDS = ("0:2000", "2000:4100", "4100:6000")
-#: The shards the command line writes (each ``streamem accumulate`` starts a cluster).
+#: The shards the command line writes: the first on the shared cluster, the second with Dask's threads.
 CLI_SHARDS = ("0:3300", "3300:6000")
+NO_CLUSTER = ("--workers", 0)
 RTOL = 1e-10
 
 
@@ -87,16 +88,16 @@ def test_accumulate_and_reduce_in_process(X, data_path, covariance_type, tmp_pat
 
 # ------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
-def cli_shards(X, data_path, tmp_path_factory):
-    """The old model saved, and its two shards written by ``streamem accumulate``."""
+def cli_shards(X, data_path, tmp_path_factory, scheduler_flags):
+    """The old model saved, and its two shards written by ``streamem accumulate`` (in process: cli_main)."""
     root = tmp_path_factory.mktemp("cli-mr")
     old = _old_model(X, "full")
     model_path = root / "old.zarr"
     old.save(model_path)
     shards = []
-    for i, rows in enumerate(CLI_SHARDS):
+    for i, (rows, where) in enumerate(zip(CLI_SHARDS, (scheduler_flags, NO_CLUSTER))):
         out = root / f"s{i}.zarr"
-        check_ok(cli("accumulate", model_path, data_path, "--rows", rows, "--out", out, "--workers", 1, "--threads-per-worker", 1, "--quiet"))
+        check_ok(cli_main("accumulate", model_path, data_path, "--rows", rows, "--out", out, *where, "--quiet"))
         shards.append(out)
     return root, model_path, shards
 
@@ -121,7 +122,7 @@ def test_cli_accumulate_writes_each_shards_rows(cli_shards, data_path):
 def test_cli_reduce_equals_one_em_iteration(cli_shards, X, tmp_path):
     _, model_path, shards = cli_shards
     out = tmp_path / "new.zarr"
-    check_ok(cli("reduce", *shards, "--model", model_path, "--out", out, "--quiet"))
+    check_ok(cli_main("reduce", *shards, "--model", model_path, "--out", out, "--quiet"))
     new = streamem.load(out)
     old = streamem.load(model_path)
     _assert_one_iteration(new, old, X)
@@ -133,7 +134,7 @@ def test_cli_reduce_refuses_shards_of_another_model(cli_shards, X, data_path, tm
     other.means_ = other.means_ + 1e-9  # a different model, however slightly
     foreign = tmp_path / "foreign.zarr"
     write_stats(accumulate(other, data_path, rows=CLI_SHARDS[1]), foreign)
-    proc = cli("reduce", shards[0], foreign, "--model", model_path, "--out", tmp_path / "new.zarr")
+    proc = cli_main("reduce", shards[0], foreign, "--model", model_path, "--out", tmp_path / "new.zarr")
     check_usage_error(proc, "another model")
     assert not (tmp_path / "new.zarr").exists()
 
@@ -162,7 +163,7 @@ def test_reduce_refuses_overlapping_and_missing_rows(cli_shards, data_path, tmp_
 
 def test_cli_reduce_refuses_missing_rows(cli_shards, tmp_path):
     _, model_path, shards = cli_shards
-    proc = cli("reduce", shards[1], "--model", model_path, "--out", tmp_path / "new.zarr")
+    proc = cli_main("reduce", shards[1], "--model", model_path, "--out", tmp_path / "new.zarr")
     # reduce_stats promises "a ValueError naming the missing rows": rows 0 to 3300.
     check_usage_error(proc, "3300")
     assert not (tmp_path / "new.zarr").exists()
@@ -198,13 +199,13 @@ def test_accumulate_feature_time_store_with_sample_dim(cli_shards, X, data_path,
         assert_allclose(ds[name].values, reference[name].values, rtol=1e-12, err_msg=name)
     # The command line: --variable and --sample-dim.
     out = tmp_path / "s1.zarr"
-    check_ok(cli("accumulate", model_path, store, "--variable", "obs", "--sample-dim", "time", "--rows", CLI_SHARDS[1],
-                 "--out", out, "--workers", 1, "--threads-per-worker", 1, "--quiet"))  # fmt: skip
+    check_ok(cli_main("accumulate", model_path, store, "--variable", "obs", "--sample-dim", "time", "--rows", CLI_SHARDS[1],
+                      "--out", out, *NO_CLUSTER, "--quiet"))  # fmt: skip
     expected = _stats_values(shards[1])
     for name, value in _stats_values(out).items():
         assert_allclose(value, expected[name], rtol=1e-12, err_msg=name)
     # Without --sample-dim the first dimension (feature) would be the samples: 3 rows of 6000 features.
-    proc = cli("accumulate", model_path, store, "--variable", "obs", "--out", tmp_path / "bad.zarr", "--workers", 1, "--quiet")
+    proc = cli_main("accumulate", model_path, store, "--variable", "obs", "--out", tmp_path / "bad.zarr", *NO_CLUSTER, "--quiet")
     check_usage_error(proc, "6000 features", "3")
 
 
@@ -221,7 +222,7 @@ def test_reduce_refuses_shards_of_different_data_of_the_same_shape(cli_shards, X
         reduce_stats(old, [first, second])
     assert "ours.zarr" in str(info.value) and "other.zarr" in str(info.value)
     # The command line: one line, exit 2, nothing written.
-    proc = cli("reduce", first, second, "--model", model_path, "--out", tmp_path / "new.zarr")
+    proc = cli_main("reduce", first, second, "--model", model_path, "--out", tmp_path / "new.zarr")
     check_usage_error(proc, "ours.zarr", "other.zarr")
     assert not (tmp_path / "new.zarr").exists()
 
