@@ -1,8 +1,11 @@
 """Review of issue 13, items 4, 6, 8 and 9: map-reduce shards, missing chunks and checkpoint paths on the command line.
 
-Commands run through the real entry point in a subprocess; references are
-scikit-learn on the same values, or the library run on a complete store
-holding the same values.
+Commands run through :func:`streamem.cli.main` in process (``cli_main``), with
+Dask's threads or on the shared cluster (``scheduler_flags``); the checks made
+before any work keep ``--workers 1`` without ``--quiet``, so that a cluster
+started too early would add its dashboard line. A subprocess only runs the
+command as another user. References are scikit-learn on the same values, or
+the library run on a complete store holding the same values.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from workflow_helpers import (
     REPO,
     check_ok,
     check_usage_error,
-    cli,
+    cli_main,
     inits,
     mixture_sample,
     quiet_fit,
@@ -40,6 +43,7 @@ N_ROWS = 2100
 CHUNK_ROWS = 300  # 7 chunks
 HOLE = slice(900, 1200)  # chunk 3, deleted from the store
 LOCAL = ("--workers", 1, "--threads-per-worker", 1)
+NO_CLUSTER = ("--workers", 0)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def test_reduce_refuses_shards_of_different_variables_of_one_group(X, stores, tm
     with pytest.raises(ValueError, match="different data") as info:
         reduce_stats(old, [first, second])
     assert "'a'" in str(info.value) and "'b'" in str(info.value)
-    proc = cli("reduce", first, second, "--model", stores["model"], "--out", tmp_path / "new.zarr")
+    proc = cli_main("reduce", first, second, "--model", stores["model"], "--out", tmp_path / "new.zarr")
     check_usage_error(proc, "different data", "'a'", "'b'")
     assert not (tmp_path / "new.zarr").exists()
 
@@ -145,18 +149,19 @@ def test_fit_predict_reads_missing_chunks_as_fit_did(X_filled, stores):
 
 
 # ------------------------------------------------ item 8: --missing-chunks
-def test_without_missing_chunks_the_error_names_the_flag(stores):
-    proc = cli("score", stores["model"], stores["holey"], *LOCAL, "--quiet")
+def test_without_missing_chunks_the_error_names_the_flag(stores, scheduler_flags):
+    # On a cluster: the error is raised on a worker and reaches the command through distributed.
+    proc = cli_main("score", stores["model"], stores["holey"], *scheduler_flags, "--quiet")
     check_usage_error(proc, "c/3/0", "--missing-chunks fill")
 
 
-def test_score_and_predict_take_missing_chunks(X_filled, stores, tmp_path):
+def test_score_and_predict_take_missing_chunks(X_filled, stores, tmp_path, scheduler_flags):
     sk = sklearn_from(streamem.load(stores["model"]))
-    proc = check_ok(cli("score", stores["model"], stores["holey"], "--missing-chunks", "fill", *LOCAL, "--quiet"))
+    proc = check_ok(cli_main("score", stores["model"], stores["holey"], "--missing-chunks", "fill", *scheduler_flags, "--quiet"))
     values = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert_allclose(float(values["mean log-likelihood"]), sk.score(X_filled), rtol=1e-10)
     out = tmp_path / "pred.zarr"
-    check_ok(cli("predict", stores["model"], stores["holey"], "--out", out, "--score", "--missing-chunks", "fill", *LOCAL, "--quiet"))
+    check_ok(cli_main("predict", stores["model"], stores["holey"], "--out", out, "--score", "--missing-chunks", "fill", *NO_CLUSTER, "--quiet"))
     ds = xr.open_zarr(out, consolidated=False)
     assert_array_equal(ds["labels"].values, sk.predict(X_filled))
     assert_allclose(ds["log_likelihood"].values, sk.score_samples(X_filled), rtol=1e-10)
@@ -167,17 +172,17 @@ def test_fit_takes_missing_chunks_as_flag_and_yaml_key(X_filled, stores, tmp_pat
     ref = sklearn_fit(X_filled, n_components=3, tol=0, max_iter=3, **inits("full"))
     flags = [f for name, path in npy.items() for f in ("--" + name.replace("_", "-"), path)]
     out = tmp_path / "flag.zarr"
-    check_ok(cli("fit", stores["holey"], "--out", out, "--n-components", 3, "--tol", 0, "--max-iter", 3, *flags,
-                 "--missing-chunks", "fill", *LOCAL, "--quiet"))  # fmt: skip
+    check_ok(cli_main("fit", stores["holey"], "--out", out, "--n-components", 3, "--tol", 0, "--max-iter", 3, *flags,
+                 "--missing-chunks", "fill", *NO_CLUSTER, "--quiet"))  # fmt: skip
     assert_allclose(streamem.load(out).means_, ref.means_, rtol=1e-8)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"n_components": 3, "tol": 0, "max_iter": 3, "missing_chunks": "fill", "workers": 1, **npy}))
+    cfg.write_text(yaml.safe_dump({"n_components": 3, "tol": 0, "max_iter": 3, "missing_chunks": "fill", "workers": 0, **npy}))
     out = tmp_path / "yaml.zarr"
-    check_ok(cli("fit", "--config", cfg, stores["holey"], "--out", out, "--quiet"))
+    check_ok(cli_main("fit", "--config", cfg, stores["holey"], "--out", out, "--quiet"))
     assert_allclose(streamem.load(out).means_, ref.means_, rtol=1e-8)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"missing_chunks": "zero"}))
-    check_usage_error(cli("fit", "--config", bad, stores["holey"], "--out", tmp_path / "x.zarr"), "missing_chunks", "zero")
+    check_usage_error(cli_main("fit", "--config", bad, stores["holey"], "--out", tmp_path / "x.zarr"), "missing_chunks", "zero")
 
 
 def test_update_accumulate_and_plot_take_missing_chunks(stores, tmp_path):
@@ -188,14 +193,14 @@ def test_update_accumulate_and_plot_take_missing_chunks(stores, tmp_path):
     quiet_update = streamem.load(stores["model"])
     quiet_update.update(stores["filled"])
     out = tmp_path / "updated.zarr"
-    check_ok(cli("update", stores["model"], stores["holey"], "--out", out, "--missing-chunks", "fill", *LOCAL, "--quiet"))
+    check_ok(cli_main("update", stores["model"], stores["holey"], "--out", out, "--missing-chunks", "fill", *NO_CLUSTER, "--quiet"))
     updated = streamem.load(out)
     assert_allclose(updated.means_, quiet_update.means_, rtol=1e-10)
     assert updated.n_rows_seen_ == quiet_update.n_rows_seen_
 
     out = tmp_path / "s.zarr"
-    check_ok(cli("accumulate", stores["model"], stores["holey"], "--rows", "600:1500", "--out", out,
-                 "--missing-chunks", "fill", *LOCAL, "--quiet"))  # fmt: skip
+    check_ok(cli_main("accumulate", stores["model"], stores["holey"], "--rows", "600:1500", "--out", out,
+                 "--missing-chunks", "fill", *NO_CLUSTER, "--quiet"))  # fmt: skip
     expected = accumulate(ref_model, stores["filled"], rows="600:1500")
     got = xr.open_zarr(out, consolidated=False)
     for name in expected.data_vars:
@@ -205,7 +210,7 @@ def test_update_accumulate_and_plot_take_missing_chunks(stores, tmp_path):
     for name in ("holey", "filled"):
         pictures[name] = tmp_path / f"{name}.png"
         extra = ("--missing-chunks", "fill") if name == "holey" else ()
-        check_ok(cli("plot", stores["model"], "--out", pictures[name], "--data", stores[name], "--n-points", 500, *extra, "--quiet"))
+        check_ok(cli_main("plot", stores["model"], "--out", pictures[name], "--data", stores[name], "--n-points", 500, *extra, "--quiet"))
     assert_array_equal(matplotlib.image.imread(pictures["holey"]), matplotlib.image.imread(pictures["filled"]))
 
 
@@ -213,8 +218,8 @@ def test_update_accumulate_and_plot_take_missing_chunks(stores, tmp_path):
 def _run(command: str, stores: dict, *extra) -> subprocess.CompletedProcess:
     """``fit`` or ``update`` on the complete store, with ``extra`` arguments; not --quiet (a started cluster prints a line)."""
     if command == "fit":
-        return cli("fit", stores["filled"], "--n-components", 3, "--max-iter", 10, "--tol", 0, *LOCAL, *extra)
-    return cli("update", stores["model"], stores["filled"], *LOCAL, *extra)
+        return cli_main("fit", stores["filled"], "--n-components", 3, "--max-iter", 10, "--tol", 0, *LOCAL, *extra)
+    return cli_main("update", stores["model"], stores["filled"], *LOCAL, *extra)
 
 
 @pytest.mark.parametrize("command", ["fit", "update"])
@@ -248,7 +253,7 @@ def test_out_or_checkpoint_at_the_data_is_refused_even_with_overwrite(command, s
         proc = _run(command, stores, "--out", tmp_path / "out.zarr", "--checkpoint", link)
         check_usage_error(proc, "--checkpoint", "data")
     else:
-        proc = cli(command, stores["model"], link, "--out", link, "--overwrite", *LOCAL)
+        proc = cli_main(command, stores["model"], link, "--out", link, "--overwrite", *LOCAL)
         check_usage_error(proc, "--out", "data")
     assert sorted(os.listdir(stores["filled"])) == before
     assert streamem.load_data(stores["filled"]).n_samples == N_ROWS
@@ -302,7 +307,7 @@ def test_read_only_checkpoint_is_refused_before_any_work(X_filled):
 
 def test_an_os_error_is_one_line_naming_the_path(stores, tmp_path):
     (tmp_path / "picture.png").mkdir()  # a directory where the picture should go
-    proc = cli("plot", stores["model"], "--out", tmp_path / "picture.png", "--quiet")
+    proc = cli_main("plot", stores["model"], "--out", tmp_path / "picture.png", "--quiet")
     check_usage_error(proc, os.fspath(tmp_path / "picture.png"))
 
 
@@ -331,11 +336,11 @@ def test_reduce_out_at_a_shard_is_refused_even_with_overwrite(stores, tmp_path):
     shard = tmp_path / "s.zarr"
     write_stats(accumulate(old, stores["filled"]), shard)
     before = sorted(os.listdir(shard))
-    proc = cli("reduce", shard, "--model", stores["model"], "--out", os.fspath(shard) + os.sep, "--overwrite")
+    proc = cli_main("reduce", shard, "--model", stores["model"], "--out", os.fspath(shard) + os.sep, "--overwrite")
     check_usage_error(proc, "--out", "statistics store")
     assert sorted(os.listdir(shard)) == before
     # --out replacing --model is an iteration in place: allowed.
     model = tmp_path / "model.zarr"
     shutil.copytree(stores["model"], model)
-    check_ok(cli("reduce", shard, "--model", model, "--out", model, "--overwrite", "--quiet"))
+    check_ok(cli_main("reduce", shard, "--model", model, "--out", model, "--overwrite", "--quiet"))
     assert streamem.load(model).n_iter_ == old.n_iter_ + 1
