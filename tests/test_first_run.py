@@ -3,7 +3,8 @@ files, the demo, the nightly script and the plots.
 
 The README's tables are checked against what the code accepts and writes (the options of
 streamem.cli, the attributes of saved models, the variables of a predict store); commands run
-through the real entry point (``python -m streamem.cli``) in a subprocess.
+through :func:`streamem.cli.main` in process (``cli_main``); the demo and the nightly script
+run as the scripts they are.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import streamem
 from streamem.cli import CLUSTER_OPTIONS, EXTRA_KEYS, FIT_OPTIONS, UsageError, load_config
-from workflow_helpers import REPO, check_ok, check_usage_error, cli, mixture_sample, quiet_fit, write_zarr
+from workflow_helpers import REPO, check_ok, check_usage_error, cli_main, mixture_sample, quiet_fit, write_zarr
 
 README = os.path.join(REPO, "README.md")
 NO_CLUSTER = ("--workers", 0)
@@ -108,7 +109,7 @@ def test_fit_with_yaml_1_1_exponent_gives_the_flag_model(data, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("n_components: 3\ntol: 1e-3\nrandom_state: 0\nmax_iter: 40\n")
     out = tmp_path / "model.zarr"
-    check_ok(cli("fit", path, "--config", cfg, "--out", out, *NO_CLUSTER, "--quiet"))
+    check_ok(cli_main("fit", path, "--config", cfg, "--out", out, *NO_CLUSTER, "--quiet"))
     model = streamem.load(out)
     assert model.tol == 1e-3 and isinstance(model.tol, float)
     reference = quiet_fit(streamem.GaussianMixture(n_components=3, tol=1e-3, random_state=0, max_iter=40), X)
@@ -127,18 +128,18 @@ def test_no_resume_overrides_the_config_and_the_refusal_says_so(data, tmp_path):
     ckpt = tmp_path / "fit.ckpt"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"checkpoint: {ckpt}\nresume: true\nrandom_state: 0\nmax_iter: 30\n")
-    check_ok(cli("fit", path, "--config", cfg, "--n-components", 2, "--out", tmp_path / "m2.zarr", *NO_CLUSTER, "--quiet"))
+    check_ok(cli_main("fit", path, "--config", cfg, "--n-components", 2, "--out", tmp_path / "m2.zarr", *NO_CLUSTER, "--quiet"))
 
     out = tmp_path / "m3.zarr"
-    refused = cli("fit", path, "--config", cfg, "--n-components", 3, "--out", out, *NO_CLUSTER, "--quiet")
+    refused = cli_main("fit", path, "--config", cfg, "--n-components", 3, "--out", out, *NO_CLUSTER, "--quiet")
     line = check_usage_error(refused, "refusing to resume", "n_components", "new --checkpoint directory", "--no-resume")
     assert str(ckpt) in line and not out.exists()
 
-    check_ok(cli("fit", path, "--config", cfg, "--n-components", 3, "--no-resume", "--out", out, *NO_CLUSTER, "--quiet"))
+    check_ok(cli_main("fit", path, "--config", cfg, "--n-components", 3, "--no-resume", "--out", out, *NO_CLUSTER, "--quiet"))
     reference = quiet_fit(streamem.GaussianMixture(n_components=3, random_state=0, max_iter=30), X)
     assert_allclose(streamem.load(out).means_, reference.means_, rtol=1e-10)
     # The checkpoint now holds the 3-component fit: resuming it works.
-    check_ok(cli("fit", path, "--config", cfg, "--n-components", 3, "--out", out, "--overwrite", *NO_CLUSTER, "--quiet"))
+    check_ok(cli_main("fit", path, "--config", cfg, "--n-components", 3, "--out", out, "--overwrite", *NO_CLUSTER, "--quiet"))
 
 
 def test_unknown_cluster_key_is_one_complete_sentence(data, tmp_path):
@@ -147,7 +148,7 @@ def test_unknown_cluster_key_is_one_complete_sentence(data, tmp_path):
     cfg = tmp_path / "jobs.yaml"
     cfg.write_text("n_components: 2\ncluster:\n  kind: slurm\n  jobs: 1\n  cores: 1\n  memory: 1GiB\n  interface: lo\n"
                    "  bogus_key: 3\n")  # fmt: skip
-    line = check_usage_error(cli("fit", path, "--config", cfg, "--out", tmp_path / "m.zarr", "--quiet"), "'bogus_key'", "cluster")
+    line = check_usage_error(cli_main("fit", path, "--config", cfg, "--out", tmp_path / "m.zarr", "--quiet"), "'bogus_key'", "cluster")
     message = line.split("error: ", 1)[1]
     assert not message.rstrip().endswith((":", ",", ";")) and "job_kwargs" not in message, message
 
@@ -170,8 +171,8 @@ def test_make_demo_installs_the_plot_extra():
 
 def test_demo_saves_a_model_the_printed_commands_use(tmp_path):
     """scripts/demo.py on a small data set, then every `streamem info|plot` command it prints, as printed."""
-    demo = [sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--n-samples", "20000", "--n-features", "4",
-            "--n-components", "3", "--path", "data/demo.zarr", "--model", "data/demo-model.zarr"]  # fmt: skip
+    demo = [sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--n-samples", "10000", "--n-features", "4",
+            "--n-components", "3", "--max-iter", "10", "--path", "data/demo.zarr", "--model", "data/demo-model.zarr"]  # fmt: skip
     proc = subprocess.run(demo, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     check_ok(proc)
     commands = [line.split(".venv/bin/streamem ", 1)[1].split() for line in proc.stdout.splitlines() if ".venv/bin/streamem " in line]
@@ -179,7 +180,7 @@ def test_demo_saves_a_model_the_printed_commands_use(tmp_path):
     model = streamem.load(tmp_path / "data" / "demo-model.zarr")
     assert model.n_components == 3 and model.n_features_in_ == 4
     for command in (c for c in commands if c[0] in ("info", "plot")):
-        check_ok(cli(*command, cwd=str(tmp_path)))
+        check_ok(cli_main(*command, cwd=str(tmp_path)))
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -231,7 +232,7 @@ def test_predict_store_is_as_documented_with_absolute_paths(data, tmp_path):
     model.save(tmp_path / "model.zarr")
     os.symlink(path, tmp_path / "data.zarr")
     # Relative paths, from the directory holding them.
-    check_ok(cli("predict", "model.zarr", "data.zarr", "--out", "pred.zarr", "--proba", "--score", *NO_CLUSTER, "--quiet",
+    check_ok(cli_main("predict", "model.zarr", "data.zarr", "--out", "pred.zarr", "--proba", "--score", *NO_CLUSTER, "--quiet",
                  cwd=str(tmp_path)))  # fmt: skip
     ds = xr.open_zarr(tmp_path / "pred.zarr", consolidated=False)
     section = _section("Model file format")
