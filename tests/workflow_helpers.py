@@ -107,15 +107,21 @@ def cli_main(*args, cwd: str | None = None) -> subprocess.CompletedProcess:
     stderr under Python's default filters, as the real command shows them
     (pytest would otherwise record them out of sight).
     """
-    import contextlib
     import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main_in_process(args, stdout=out, stderr=err, cwd=cwd)
+    return subprocess.CompletedProcess(["streamem", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def main_in_process(args, stdout, stderr, cwd: str | None = None) -> int:
+    """:func:`streamem.cli.main` on ``args`` with ``sys.stdout``/``sys.stderr`` replaced by the given streams; its exit status."""
+    import contextlib
 
     from streamem.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    argv = [str(a) for a in args]
     here = os.getcwd()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         warnings.resetwarnings()
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.simplefilter("ignore", category)
@@ -123,14 +129,14 @@ def cli_main(*args, cwd: str | None = None) -> subprocess.CompletedProcess:
         try:
             if cwd is not None:
                 os.chdir(cwd)
-            code = main(argv)
+            return main([str(a) for a in args])
         except SystemExit as exc:  # argparse's errors and --help/--version
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, (int, type(None))):
-                print(exc.code, file=sys.stderr)
+            if isinstance(exc.code, int) or exc.code is None:
+                return exc.code or 0
+            print(exc.code, file=sys.stderr)
+            return 1
         finally:
             os.chdir(here)
-    return subprocess.CompletedProcess(["streamem", *argv], code, out.getvalue(), err.getvalue())
 
 
 def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
