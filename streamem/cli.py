@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -79,10 +80,12 @@ def _read_prior(value: str | dict) -> str | dict:
         return value
     if isinstance(value, str):
         try:
-            with open(os.path.expanduser(value)) as fh:
+            with open(os.path.expanduser(value), encoding="utf-8") as fh:
                 value = yaml.safe_load(fh)  # YAML reads JSON too
         except OSError as exc:
             raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{value!r} is not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
             raise ValueError(f"{value!r} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(value, dict):
@@ -167,10 +170,12 @@ def load_config(path: str) -> dict[str, Any]:
     import yaml
 
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             config = yaml.safe_load(fh) or {}
     except OSError as exc:
         raise UsageError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a binary file, or another encoding
+        raise UsageError(f"--config: {path!r} is not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"--config: {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
@@ -277,7 +282,47 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
         from streamem.storage import _merge
 
         settings["storage_options"] = _merge(settings.get("storage_options", {}), flags)
+    check_cluster_settings(args, settings)
     return settings
+
+
+def check_cluster_settings(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Refuse cluster settings Dask would take badly, before anything is loaded or started.
+
+    Timeouts must be finite and positive (Dask reads ``nan`` as a unit
+    "nans", and a LocalCluster starts before it fails); ``memory_limit`` is
+    ``auto``, a byte count such as ``4GiB`` or a fraction of the machine's
+    memory in [0, 1], as ``distributed`` reads it.
+
+    Raises
+    ------
+    UsageError
+        Naming the flag (or --config key), the value and what is allowed.
+    """
+    for name in ("worker_timeout", "scheduler_timeout"):
+        value = settings.get(name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_origin(args, name)}: must be a finite positive number of seconds, got {value!r}")
+    limit = settings.get("memory_limit")
+    if limit is not None and not _memory_limit_ok(limit):
+        raise UsageError(f"{_origin(args, 'memory_limit')}: expected 'auto', a size such as 4GiB or 500MB, a number of "
+                         f"bytes, or a fraction of this machine's memory (at most 1; 0: no limit), got {limit!r}")  # fmt: skip
+
+
+def _memory_limit_ok(limit: str) -> bool:
+    """Whether ``distributed`` reads ``limit`` as a memory limit: 'auto', a number of bytes (or a fraction, <= 1), a size."""
+    from dask.utils import parse_bytes
+
+    if limit == "auto":
+        return True
+    try:
+        number = float(limit)
+    except ValueError:
+        try:
+            return parse_bytes(limit) >= 0
+        except (ValueError, TypeError):
+            return False
+    return number >= 0 and math.isfinite(number)
 
 
 def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
@@ -684,7 +729,7 @@ def check_performance_report(args: argparse.Namespace, settings: dict[str, Any])
         raise UsageError("--performance-report needs bokeh, which draws Dask's report: pip install 'bokeh>=3.1'")
     if "://" in path and not path.startswith("file://"):
         raise UsageError("--performance-report: give a local file; Dask writes the report with plain file I/O")
-    check_out(path, overwrite=True, flag="--performance-report")
+    check_out(path, overwrite=True, flag="--performance-report", any_file=True)
     if os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"--performance-report: {path!r} is a directory; give a file name such as report.html")
     check_distinct(("--performance-report", path), ("--out", getattr(args, "out", None)), ("data", args.data),
@@ -949,9 +994,12 @@ def start_from(old: Any, cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     params = _estimator_params(cls)
     family_settings = [name for name in family_setting_names(cls) if name != "device"]  # device: where this run computes
     out = {name: kwargs.get(name, getattr(old, name)) for name in ("n_components", "tol", *family_settings)}
-    shaped = [name for name in ("n_components", "covariance_type") if name in out]
-    if any(out[name] != getattr(old, name) for name in shaped):
-        raise UsageError(f"--init-from: the old model has other {' or '.join(shaped)} than asked for")
+    differ = [name for name in ("n_components", "covariance_type") if name in out and out[name] != getattr(old, name)]
+    if differ:
+        held = " and ".join(f"{_flag(name)} {getattr(old, name)}" for name in differ)
+        asked = " and ".join(f"{_flag(name)} {out[name]}" for name in differ)
+        raise UsageError(f"--init-from: the old model has {held}, but {asked} was asked for; "
+                         "a fit from it keeps its components (leave the setting out)")  # fmt: skip
     for name in _NPY_OPTIONS:  # weights_init <- weights_, means_init <- means_, rates_init <- rates_, ...
         if name in params:
             out[name] = getattr(old, name.removesuffix("_init") + "_")
@@ -978,14 +1026,19 @@ def cmd_update(args: argparse.Namespace) -> None:
     model = streamem.load(args.model, storage_options=options)
     where = data_keywords(settings)
     # Lazy, before the cluster starts: the model's own loading, so data with other features are refused now.
-    model._load_fitted(args.data, **where)
+    data = model._load_fitted(args.data, **where)
     if args.passes < 1:
         raise UsageError(f"--passes must be >= 1, got {args.passes}")
     if "batch_size" in settings:
         model.set_params(batch_size=settings["batch_size"])
     check_update_settings(model, settings.get("step_size"))
     checkpoint = check_checkpoint(settings)  # last: it creates the directory
-    rows_before = model._rows_seen()
+    # A checkpoint of another fit or update is refused now, before the cluster starts, as fit does.
+    start = resume_point(settings, update_estimator(model, settings.get("step_size"), args.passes), data)
+    if start is not None:
+        from streamem.storage import describe
+
+        _say(args.quiet, f"resumed from checkpoint {describe(checkpoint)} at pass {start}")
     with dask_client(settings, args.quiet) as client, performance_report_file(report, args.quiet):
         model.set_params(client=client, verbose=0 if args.quiet else 1, verbose_interval=1)
         tic = time.perf_counter()
@@ -1001,8 +1054,25 @@ def cmd_update(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - tic
     model.set_params(client=None, verbose=0)
     model.save(args.out, overwrite=overwrite, storage_options=options)
-    _say(args.quiet, f"updated in {seconds:.1f} s with {model.n_rows_seen_ - rows_before:,} new rows ({model.n_rows_seen_:,} seen in all): "
-         f"mean log-likelihood {model.lower_bound_:.6f} (online average over the pass); saved {args.out}")
+    # The rows of DATA, not the rows seen (each pass counts them again).
+    passes = f" in {args.passes} passes" if args.passes > 1 else ""
+    _say(args.quiet, f"updated in {seconds:.1f} s with {data.n_samples:,} new rows{passes} ({model.n_rows_seen_:,} seen in all): "
+         f"mean log-likelihood {model.lower_bound_:.6f} (online average over the {'last ' if passes else ''}pass); saved {args.out}")
+
+
+def update_estimator(model: Any, step_size: float | None, passes: int) -> Any:
+    """An unfitted copy of ``model`` with the settings ``model.update`` fits with, whose checkpoint settings
+    (:func:`streamem.checkpoint.fit_settings`) are those the update records and checks on ``--resume``.
+
+    Mirrors :meth:`streamem.estimators.base.MixtureEstimator.update`'s ``set_params``.
+    """
+    from sklearn.base import clone
+
+    step_size = model.step_size if step_size is None else step_size
+    trial = clone(model).set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size, average=False)
+    if step_size is None:  # the running average update uses
+        trial.set_params(step_decay=1.0)
+    return trial
 
 
 def check_update_settings(model: Any, step_size: float | None) -> None:
@@ -1171,9 +1241,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> None:
     import streamem
-    from streamem.plot import plot_model
+    from streamem.plot import image_format, plot_model
 
-    check_out(args.out, overwrite=True)  # a picture is replaced silently, but its directory must take it
+    # The file written is the one named (matplotlib would add ".png" to a name without a suffix), checked before any work.
+    if os.path.isdir(os.path.expanduser(args.out)):
+        raise UsageError(f"--out: {args.out!r} is a directory; give a file name such as {os.path.join(args.out, 'figure.png')!r}")
+    try:
+        image_format(args.out)
+    except ValueError as exc:
+        raise UsageError(f"--out: {exc}") from None
+    check_out(args.out, overwrite=True, any_file=True)  # a picture is replaced silently, but its directory must take it
     model = streamem.load(args.model, storage_options=merged_settings(args).get("storage_options"))
     data = None
     if args.data is not None:
@@ -1236,8 +1313,29 @@ class _Parser(argparse.ArgumentParser):
     the error; the error alone says what is wrong, ``--help`` the rest.
     """
 
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for error(): argparse checks the required flags before it hands back the unknown ones.
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            unknown = self._unknown_flags(getattr(self, "_words", []))
+            if unknown:  # "--outt M" for "--out M": name the misspelled flag, not only the one missing
+                message = f"{message}; {unrecognized(self, unknown)}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _unknown_flags(self, words: Sequence[str]) -> list[str]:
+        """The words that look like flags and are none of this parser's (nor an abbreviation of one)."""
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        unknown = []
+        for word in words:
+            if word == "--":
+                break
+            name = word.split("=", 1)[0]
+            if name.startswith("-") and not self._negative_number_matcher.match(name) and not any(f.startswith(name) for f in flags):
+                unknown.append(word)
+        return unknown
 
 
 class _CommandsFormatter(argparse.HelpFormatter):
@@ -1365,7 +1463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plot", cmd_plot, "plot the convergence curve and the components: a scatter with covariance ellipses from --data (Gaussian), "
                 "or the probability / rate profiles (other families; --data adds the rows per component)")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="PNG file to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="picture file to write, replaced if it exists; its suffix names the format "
+                   "(.png, .pdf, .svg, ...)")
     p.add_argument("--data", help="data to draw rows from: " + DATA_HELP.removeprefix("the data: "))
     data_options(p)
     p.add_argument("--features", type=int, nargs=2, metavar=("I", "J"), help="Gaussian: two feature indices (default: first two principal axes)")

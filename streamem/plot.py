@@ -1,7 +1,8 @@
 """Pictures of a fitted model: the convergence curve and its components.
 
 Gaussian mixtures: with data, a scatter of sampled rows with each
-component's covariance ellipse. Every other family: the component
+component's covariance ellipse (one feature: a histogram with each
+component's density). Every other family: the component
 profiles (a line per component over the features for parameters of shape
 (K, d), such as Bernoulli/Binomial probabilities and Poisson rates; a
 heatmap for (K, d, C), such as categorical probabilities), and with data,
@@ -10,6 +11,7 @@ the share of sampled rows each component takes next to its weight.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Callable
 
@@ -30,12 +32,14 @@ def plot_model(
     n_points: int = 5000,
     seed: int = 0,
 ) -> None:
-    """Write a PNG: the convergence curve and pictures of the components.
+    """Write a picture: the convergence curve and pictures of the components.
 
     Gaussian mixtures: with ``data``, a scatter of a random sample of rows,
     coloured by their most likely component, with each component's 2-sigma
     covariance ellipse, projected onto ``features`` (two feature indices)
-    or by default onto the first two principal axes of the sample.
+    or by default onto the first two principal axes of the sample. A
+    one-feature model: a histogram of the sample with each component's
+    weighted density and the mixture's.
 
     Other families: every parameter array of the family drawn per
     component: (K, d) arrays as one line per component over the features,
@@ -49,25 +53,30 @@ def plot_model(
     model : MixtureEstimator
         A fitted model of any family.
     out : str
-        The PNG file to write.
+        The file to write; its suffix names the format (``.png``, ``.pdf``,
+        ``.svg``, ...: see :func:`image_format`).
     data : array-like, dask array, zarr.Array, path or xarray object, optional
         Data the model can score (see :func:`streamem.data.load_data`); it
         is checked by the model as for ``predict``.
     variable, sample_dim : str, optional
         The variable and sample dimension of an xarray or Zarr-group ``data``.
     features : tuple of two int, optional
-        Gaussian mixtures only.
+        Gaussian mixtures of two or more features only.
     n_points : int, default=5000
-        Rows drawn from ``data``.
+        Rows drawn from ``data``, at least 1.
     seed : int, default=0
 
     Raises
     ------
     ValueError
-        Without matplotlib, with ``features`` out of range, or with
-        ``features`` for a family other than Gaussian.
+        Without matplotlib, with ``out`` of no format matplotlib writes,
+        ``n_points`` below 1, ``features`` out of range, or ``features``
+        for a family other than Gaussian or a one-feature model.
     """
     plt = _pyplot()
+    fmt = image_format(out)
+    if isinstance(n_points, bool) or int(n_points) != n_points or n_points < 1:
+        raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
     if data is not None:
         # The model's own loading: the same feature checks (and alignment) as predict, before any drawing.
         data = model._load_fitted(data, variable=variable, sample_dim=sample_dim)
@@ -77,8 +86,31 @@ def plot_model(
     for panel, ax in zip(panels, axes[0]):
         panel(ax)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format=fmt)
     plt.close(fig)
+
+
+def image_format(out: str | os.PathLike) -> str:
+    """The picture format of the file ``out``, by its suffix, as matplotlib writes it (``png`` for ``f.png``).
+
+    Raises
+    ------
+    ValueError
+        A name without a suffix (matplotlib would write ``out.png``, another
+        file than the one named) or with one matplotlib does not write.
+    """
+    _pyplot()  # matplotlib, or the message saying how to install it
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    name = os.fspath(out)
+    suffix = os.path.splitext(name.rstrip(os.sep))[1].lstrip(".").lower()
+    if not suffix:
+        raise ValueError(f"{name!r} has no suffix naming a picture format; give a file name such as "
+                         f"{name.rstrip(os.sep) + '.png'!r} (formats: {', '.join(formats)})")  # fmt: skip
+    if suffix not in formats:
+        raise ValueError(f"{name!r}: matplotlib writes no format {suffix!r}; give a suffix of {', '.join(formats)}")
+    return suffix
 
 
 def _pyplot() -> Any:
@@ -126,13 +158,37 @@ def _convergence(model: Any, ax: Any) -> None:
 
 # ------------------------------------------------------------------ Gaussian
 def gaussian_panels(model: Any, data: Any, features: tuple[int, int] | None, n_points: int, seed: int) -> list[Panel]:
-    """With data: a scatter of sampled rows with the components' 2-sigma ellipses; nothing without."""
+    """With data: a scatter of sampled rows with the components' 2-sigma ellipses (one feature: a histogram
+    with the components' densities); nothing without."""
     d = model.n_features_in_
+    if features is not None and d < 2:
+        raise ValueError(f"features must not be given for a one-feature model (its rows are drawn as a histogram), got {list(features)}")
     if features is not None and not all(0 <= f < d for f in features):
         raise ValueError(f"features must be two indices in 0..{d - 1}, got {list(features)}")
     if data is None:
         return []
+    if d == 1:
+        return [partial(_histogram, model, _sample(data, n_points, seed))]
     return [partial(_scatter, model, _sample(data, n_points, seed), features)]
+
+
+def _histogram(model: Any, sample: np.ndarray, ax: Any) -> None:
+    """One feature: a histogram of the sampled rows (a density) with each component's weighted density and their sum."""
+    means = model.means_[:, 0]
+    sds = np.sqrt(model._family().full_covariances(model.covariances_, *model.means_.shape)[:, 0, 0])
+    values = sample[:, 0]
+    lo = min(values.min(), (means - 3 * sds).min())
+    hi = max(values.max(), (means + 3 * sds).max())
+    x = np.linspace(lo, hi, 400)
+    densities = model.weights_[:, None] * np.exp(-0.5 * ((x - means[:, None]) / sds[:, None]) ** 2) / (sds[:, None] * np.sqrt(2 * np.pi))
+    ax.hist(values, bins=np.histogram_bin_edges(values, bins="auto"), density=True, color="0.8", label="rows")
+    for k, colour in enumerate(_colours(model.n_components)):
+        ax.plot(x, densities[k], color=colour, lw=2, label=f"{k} (weight {model.weights_[k]:.3f})")
+    ax.plot(x, densities.sum(axis=0), color="black", lw=1, ls="--", label="mixture")
+    ax.set_xlabel(_feature_labels(model)[0] if getattr(model, "feature_coord_", None) is not None else "feature 0")
+    ax.set_ylabel("density")
+    ax.set_title(f"{len(sample):,} random rows and the component densities")
+    ax.legend(title="component", fontsize="small")
 
 
 def _scatter(model: Any, sample: np.ndarray, features: tuple[int, int] | None, ax: Any) -> None:
