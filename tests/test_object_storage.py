@@ -98,17 +98,18 @@ def _all_objects(fs, url: str) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ fit, predict, models
-def test_fit_from_s3_on_a_cluster_equals_the_local_fit(tmp_path, s3):
-    """Workers read the chunks from S3 themselves (the storage options travel with the graph); labels too."""
-    from distributed import Client
+def test_fit_from_s3_on_a_cluster_equals_the_local_fit(tmp_path, s3, cluster):
+    """Workers read the chunks from S3 themselves (the storage options travel with the graph); labels too.
 
-    from streamem.cluster import local_cluster
+    On the shared 2-worker LocalCluster of conftest (its worker processes were not started with the options).
+    """
+    from distributed import Client
 
     url, options, _ = s3
     X = make_data()
     local = _same_data(tmp_path, url, options, X)
     reference = streamem.GaussianMixture(3, random_state=0).fit(local)
-    with local_cluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB") as cluster, Client(cluster) as client:
+    with Client(cluster) as client:
         model = streamem.GaussianMixture(3, random_state=0, client=client)
         model.fit(f"{url}/data.zarr/", storage_options=options)
         labels = model.predict(f"{url}/data.zarr", storage_options=options)  # lazy: the workers write its chunks
@@ -173,7 +174,7 @@ def test_checkpoint_on_s3_resumes_to_the_uninterrupted_fit(tmp_path, s3):
     _write(storage.open_store(f"{url}/data.zarr", options), X)
     data = f"{url}/data.zarr"
     kwargs = dict(n_components=3, random_state=0, tol=1e-8, init_params="random")
-    full = streamem.GaussianMixture(max_iter=12, **kwargs).fit(data, storage_options=options)
+    full = streamem.GaussianMixture(max_iter=6, **kwargs).fit(data, storage_options=options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         streamem.GaussianMixture(max_iter=3, **kwargs).fit(data, checkpoint=f"{url}/ck", storage_options=options)
@@ -181,7 +182,7 @@ def test_checkpoint_on_s3_resumes_to_the_uninterrupted_fit(tmp_path, s3):
     assert {"LATEST", "streamem-checkpoint.json"} < entries and len(entries) == 3  # one state
     state = fs.cat_file(f"{url.removeprefix('s3://')}/ck/LATEST").decode()
     assert state.startswith("state-000003-")
-    resumed = streamem.GaussianMixture(max_iter=12, **kwargs)
+    resumed = streamem.GaussianMixture(max_iter=6, **kwargs)
     resumed.fit(data, checkpoint=f"{url}/ck", resume=True, storage_options=options)
     assert full.n_iter_ > 3
     _assert_same_model(resumed, full)
@@ -351,19 +352,32 @@ _KILLED_WRITER = textwrap.dedent(
 )
 
 
-def _killed_write(endpoint: str, url: str, overwrite: bool) -> None:
-    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, endpoint, url, "1" if overwrite else "0"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 3, done.stderr[-2000:]
+def _killed_writes(endpoint: str, *targets: tuple[str, bool]) -> None:
+    """One killed writer per (URL, overwrite), run at the same time (each costs seconds of imports); each must die."""
+    procs = [subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, endpoint, url, "1" if overwrite else "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for url, overwrite in targets]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, err[-2000:]
 
 
 def test_an_interrupted_write_leaves_the_old_model_or_nothing_and_checkpoints_keep_their_state(tmp_path, s3, endpoint):
     url, options, fs = s3
     bucket = url.removeprefix("s3://")
     model = streamem.GaussianMixture(2, random_state=0).fit(make_data(600))
-    # An overwrite killed before its commit: the old model is gone (deleted first), nothing half-written is readable.
     model.save(f"{url}/m.zarr", storage_options=options)
-    _killed_write(endpoint, f"{url}/m.zarr", overwrite=True)
+    X = make_data(1200)
+    _write(storage.open_store(f"{url}/data.zarr", options), X)
+    kwargs = dict(n_components=3, random_state=0, tol=1e-8, init_params="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        streamem.GaussianMixture(max_iter=2, **kwargs).fit(f"{url}/data.zarr", checkpoint=f"{url}/ck", storage_options=options)
+    current = fs.cat_file(f"{bucket}/ck/LATEST").decode()
+    dead_state = "state-000003-h00000000-p1-t1-deadbeef.zarr"  # another host's: no later save removes it
+    # Killed writers (at once, to different places): an overwrite of the model, and a checkpoint's next state.
+    _killed_writes(endpoint, (f"{url}/m.zarr", True), (f"{url}/ck/{dead_state}", False))
+
+    # The overwrite killed before its commit: the old model is gone (deleted first), nothing half-written is readable.
     left = {p.split("/m.zarr/")[1] for p in fs.find(f"{bucket}/m.zarr")}
     assert storage.WRITING in left and "big/c/0/0" in left and "big/c/2/0" not in left and "zarr.json" not in left
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -373,20 +387,13 @@ def test_an_interrupted_write_leaves_the_old_model_or_nothing_and_checkpoints_ke
     left = {p.split("/m.zarr/")[1].split("/")[0] for p in fs.find(f"{bucket}/m.zarr")}
     assert storage.WRITING not in left and "big" not in left
     _assert_same_model(streamem.load(f"{url}/m.zarr", storage_options=options), model, rtol=0)
-    # A checkpoint whose next state was being written when the writer died resumes from LATEST's state.
-    X = make_data(1200)
-    _write(storage.open_store(f"{url}/data.zarr", options), X)
-    kwargs = dict(n_components=3, random_state=0, tol=1e-8, init_params="random")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        streamem.GaussianMixture(max_iter=2, **kwargs).fit(f"{url}/data.zarr", checkpoint=f"{url}/ck", storage_options=options)
-    current = fs.cat_file(f"{bucket}/ck/LATEST").decode()
-    dead_state = "state-000003-h00000000-p1-t1-deadbeef.zarr"  # another host's: no later save removes it
-    _killed_write(endpoint, f"{url}/ck/{dead_state}", overwrite=False)
+
+    # The checkpoint whose next state was being written when the writer died resumes from LATEST's state.
     assert fs.cat_file(f"{bucket}/ck/LATEST").decode() == current
-    resumed = streamem.GaussianMixture(max_iter=6, **kwargs)
+    assert any(p.endswith(f"/ck/{dead_state}/{storage.WRITING}") for p in fs.find(f"{bucket}/ck"))  # the writer got that far
+    resumed = streamem.GaussianMixture(max_iter=4, **kwargs)
     resumed.fit(f"{url}/data.zarr", checkpoint=f"{url}/ck", resume=True, storage_options=options)
-    full = streamem.GaussianMixture(max_iter=6, **kwargs).fit(f"{url}/data.zarr", storage_options=options)
+    full = streamem.GaussianMixture(max_iter=4, **kwargs).fit(f"{url}/data.zarr", storage_options=options)
     _assert_same_model(resumed, full)
     with pytest.raises(FileNotFoundError):
         streamem.load(f"{url}/ck/{dead_state}", storage_options=options)
