@@ -37,6 +37,18 @@ def all_finite(x: Any) -> bool:
     return bool(xp.isfinite(x).all())
 
 
+def check_finite(x: Any, offset: int = 0) -> None:
+    """Refuse NaN and inf in a chunk whose first row is global row ``offset``, naming the count and the rows."""
+    if all_finite(x):
+        return
+    bad = to_numpy(~array_module(x).isfinite(x))
+    rows = np.flatnonzero(bad.any(axis=1))
+    raise ValueError(
+        f"X contains {int(bad.sum())} non-finite values (NaN or inf) in rows "
+        f"{offset + int(rows[0])} to {offset + int(rows[-1])}; remove or impute them"
+    )
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """A host copy of ``x`` (no copy for numpy input)."""
     return x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)

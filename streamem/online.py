@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from streamem.backend import all_finite, to_numpy
+from streamem.backend import check_finite, to_numpy
 from streamem.em import EMRun
 from streamem.stats import SuffStats
 
@@ -170,7 +170,7 @@ def online_link(
     """
     family, settings, chunk, pass_seed, old_blocks = payload
     X = to_numpy(block)
-    _check_finite(X, offset)
+    check_finite(X, offset)
     family.check_data(X, offset)
     runs = [replace(run) for run in runs]  # the previous link's result may be shared
     new_blocks: list[BlockStats] = [{} for _ in runs]
@@ -182,17 +182,6 @@ def online_link(
     if settings.algorithm == "stepwise":
         new_blocks = [{} for _ in runs]
     return runs, new_blocks
-
-
-def _check_finite(X: np.ndarray, offset: int) -> None:
-    """Refuse NaN and inf, naming their global rows (no element-wise copy of a finite chunk)."""
-    if not all_finite(X):
-        bad = ~np.isfinite(X)
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(
-            f"X contains {int(bad.sum())} non-finite values (NaN or inf) in rows "
-            f"{offset + int(rows[0])} to {offset + int(rows[-1])}; remove or impute them before fitting"
-        )
 
 
 def _update(

@@ -344,7 +344,7 @@ def test_init_from_takes_family_settings_and_parameters_of_the_old_model(tmp_pat
     wrong = run(capsys, "fit", data, "--init-from", tmp_path / "old.zarr", "--family", "poisson", "--out", tmp_path / "x", *NO_CLUSTER)
     usage_error(wrong, "--init-from", "binomial", "poisson")
     wrong = run(capsys, "fit", data, "--init-from", tmp_path / "old.zarr", "--n-components", 3, "--out", tmp_path / "x", *NO_CLUSTER)
-    usage_error(wrong, "--init-from", "n_components")
+    usage_error(wrong, "--init-from", "--n-components")
 
 
 def test_update_of_a_poisson_model(tmp_path, capsys):

@@ -27,7 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
-from streamem.backend import all_finite, array_module, to_numpy
+from streamem.backend import array_module, check_finite, to_numpy
 from streamem.checkpoint import (
     checkpoint_prior,
     checkpoint_exists,
@@ -973,19 +973,11 @@ def _as_shape(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
 # Per-chunk functions for predictions: module level so that workers can unpickle them.
 def _per_row(block: Any, family: MixtureFamily, params: Any, name: str, block_info: dict | None = None) -> Any:
     """One per-row output of ``family.row_outputs`` (evaluated in slices); host results for host chunks."""
-    _check_finite(block)
     offset = block_info[0]["array-location"][0][0] if block_info else 0
+    check_finite(block, offset)
     family.check_data(block, offset)
     out = family.row_outputs(block, params, name)[0]
     return to_numpy(out) if array_module(block) is np else out
-
-
-def _check_finite(block: Any) -> None:
-    """Refuse NaN and inf, counted; without an (n, d) copy unless the chunk has some."""
-    if all_finite(block):
-        return
-    n_bad = int(block.size - array_module(block).isfinite(block).sum())
-    raise ValueError(f"X contains {n_bad} non-finite values (NaN or inf)")
 
 
 def _block_proba(block: Any, family: MixtureFamily, params: Any, block_info: dict | None = None) -> Any:
