@@ -1063,16 +1063,11 @@ def cmd_update(args: argparse.Namespace) -> None:
 def update_estimator(model: Any, step_size: float | None, passes: int) -> Any:
     """An unfitted copy of ``model`` with the settings ``model.update`` fits with, whose checkpoint settings
     (:func:`streamem.checkpoint.fit_settings`) are those the update records and checks on ``--resume``.
-
-    Mirrors :meth:`streamem.estimators.base.MixtureEstimator.update`'s ``set_params``.
     """
     from sklearn.base import clone
 
     step_size = model.step_size if step_size is None else step_size
-    trial = clone(model).set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size, average=False)
-    if step_size is None:  # the running average update uses
-        trial.set_params(step_decay=1.0)
-    return trial
+    return clone(model).set_params(**model._update_params(step_size, passes))
 
 
 def check_update_settings(model: Any, step_size: float | None) -> None:

@@ -513,9 +513,8 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         seen = self._rows_seen()
         step_size = self.step_size if step_size is None else step_size
         try:
-            self.set_params(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size, average=False)
-            if step_size is None:  # a running average: eta = 1 / (t + t0) with t + t0 = rows seen / batch_size
-                self.set_params(step_decay=1.0)
+            self.set_params(**self._update_params(step_size, passes))
+            if step_size is None:
                 self._check_parameters()
                 self.n_steps_ = steps_for_rows(seen, self._online_settings())
             with warnings.catch_warnings():
@@ -672,6 +671,13 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
 
     def _set_derived(self, family: MixtureFamily) -> None:
         """Learned attributes computed from the parameters (Gaussian: ``precisions_``)."""
+
+    def _update_params(self, step_size: float | None, passes: int) -> dict[str, Any]:
+        """The settings :meth:`update` fits with (also what its checkpoints record)."""
+        params = dict(algorithm="stepwise", warm_start=True, max_iter=passes, tol=0.0, step_size=step_size, average=False)
+        if step_size is None:  # a running average: eta = 1 / (t + t0) with t + t0 = rows seen / batch_size
+            params["step_decay"] = 1.0
+        return params
 
     def _online_settings(self) -> OnlineSettings:
         algorithm = "stepwise" if self.algorithm == "batch" else self.algorithm
