@@ -265,7 +265,7 @@ def run_on_terminal(*args, timeout: float = 180) -> tuple[int, str, str]:
     reader.start()
     out = io.StringIO()
     with os.fdopen(slave, "w", buffering=1) as terminal:
-        status = main_in_process(args, stdout=out, stderr=terminal)
+        status = main_in_process(args, stdout=out, stderr=terminal, fds=False)
     reader.join(timeout)  # the terminal closed: the reader meets its end
     assert not reader.is_alive(), "the terminal was not read to its end"
     os.close(master)

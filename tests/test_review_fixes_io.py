@@ -30,7 +30,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import streamem
 from streamem.data import align_features, load_data, normalise_location
 from streamem.io import write_dataset
-from workflow_helpers import assert_same_params, check_usage_error, cli, mixture_sample, quiet_fit, sklearn_from, write_zarr
+from workflow_helpers import assert_same_params, check_usage_error, cli_main, mixture_sample, quiet_fit, sklearn_from, write_zarr
 
 RTOL = 1e-12
 
@@ -247,7 +247,7 @@ def test_cli_predict_does_not_replace_its_input(X, tmp_path):
     data = write_zarr(tmp_path / "data.zarr", X, 200)
     quiet_fit(_model(), X).save(tmp_path / "m.zarr")
     before = _tree(data)
-    proc = cli("predict", tmp_path / "m.zarr", data, "--out", data, "--overwrite", "--quiet", "--workers", "1")
+    proc = cli_main("predict", tmp_path / "m.zarr", data, "--out", data, "--overwrite", "--quiet", "--workers", "1")
     check_usage_error(proc, data)
     assert _tree(data) == before
 

@@ -7,6 +7,7 @@ uninterrupted in-process fit made by the test itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -103,9 +104,10 @@ def cli_main(*args, cwd: str | None = None) -> subprocess.CompletedProcess:
     For tests about what a command does rather than about its process (signals,
     pipes, the interpreter's exit): it saves the ~2 s of imports a subprocess
     pays. The exit status is main's return value or an argparse SystemExit's
-    code; stdout and stderr are what the command printed. Warnings are shown on
-    stderr under Python's default filters, as the real command shows them
-    (pytest would otherwise record them out of sight).
+    code; stdout and stderr hold what the command printed, what loggers that
+    write to stderr logged, what was written to file descriptors 1 and 2 (by
+    worker processes started meanwhile, say) and the warnings shown under
+    Python's default filters, as the real command's output would.
     """
     import io
 
@@ -114,33 +116,109 @@ def cli_main(*args, cwd: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["streamem", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
-def main_in_process(args, stdout, stderr, cwd: str | None = None) -> int:
-    """:func:`streamem.cli.main` on ``args`` with ``sys.stdout``/``sys.stderr`` replaced by the given streams; its exit status."""
+def main_in_process(args, stdout, stderr, cwd: str | None = None, fds: bool = True) -> int:
+    """:func:`streamem.cli.main` on ``args`` with its output sent to the given streams; its exit status.
+
+    ``sys.stdout``/``sys.stderr`` are the streams; so are the stderr log handlers
+    and, with ``fds``, file descriptors 1 and 2 (their text is appended at the
+    end). The process is left as it was found: working directory, environment,
+    logger levels (a quiet command silences Dask's loggers), warning filters.
+    """
     import contextlib
 
     from streamem.cli import main
 
-    here = os.getcwd()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    our_stderr = (sys.stderr, sys.__stderr__)  # where this process's stderr log handlers write
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_process_state_kept())
+        written = stack.enter_context(_fd_output(fds))
+        stack.enter_context(contextlib.redirect_stdout(stdout))
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        stack.enter_context(_logs_to(stderr, our_stderr))
         warnings.resetwarnings()
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.simplefilter("ignore", category)
         warnings.showwarning = _warning_to_stderr
+        if cwd is not None:
+            os.chdir(cwd)
         try:
-            if cwd is not None:
-                os.chdir(cwd)
-            return main([str(a) for a in args])
+            code = main([str(a) for a in args])
         except SystemExit as exc:  # argparse's errors and --help/--version
             if isinstance(exc.code, int) or exc.code is None:
-                return exc.code or 0
-            print(exc.code, file=sys.stderr)
-            return 1
-        finally:
-            os.chdir(here)
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+    stdout.write(written.get(1, ""))
+    stderr.write(written.get(2, ""))
+    return code
 
 
 def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _all_loggers() -> list:
+    import logging
+
+    return [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Restore the working directory, the environment, logger levels and warning filters on exit."""
+    here, environ = os.getcwd(), dict(os.environ)
+    levels = {lg: lg.level for lg in _all_loggers()}
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        for lg in _all_loggers():
+            lg.setLevel(levels.get(lg, 0))
+
+
+@contextlib.contextmanager
+def _logs_to(stream, stderrs: tuple):
+    """Log handlers that write to one of ``stderrs`` write to ``stream`` meanwhile (as a subprocess's would)."""
+    import logging
+
+    handlers = [h for lg in _all_loggers() for h in lg.handlers
+                if type(h) is logging.StreamHandler and any(h.stream is e for e in stderrs if e is not None)]  # fmt: skip
+    originals = [h.setStream(stream) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, original in zip(handlers, originals):
+            handler.setStream(original)
+
+
+@contextlib.contextmanager
+def _fd_output(enabled: bool):
+    """What is written to file descriptors 1 and 2 meanwhile: {fd: text} (filled on exit); nothing when not ``enabled``."""
+    import tempfile
+
+    written: dict[int, str] = {}
+    if not enabled:
+        yield written
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    files = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
+    saved = {fd: os.dup(fd) for fd in files}
+    try:
+        for fd, fh in files.items():
+            os.dup2(fh.fileno(), fd)
+        yield written
+    finally:
+        for fd, fh in files.items():
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+            fh.seek(0)
+            written[fd] = fh.read().decode(errors="replace")
+            fh.close()
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
