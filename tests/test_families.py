@@ -331,12 +331,11 @@ def test_chunking_does_not_change_the_fit(name, small_sets, tmp_path):
         assert_allclose(other.lower_bounds_, fits[0].lower_bounds_, rtol=0, atol=1e-10)
 
 
-def test_two_workers_give_the_local_fit(small_sets, tmp_path):
-    """Every family on a 2-worker LocalCluster (processes, loopback) equals the local fit of the same store."""
-    from distributed import Client, LocalCluster
+def test_two_workers_give_the_local_fit(small_sets, tmp_path, cluster):
+    """Every family on a 2-worker LocalCluster (processes, loopback: conftest's) equals the local fit of the same store."""
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0")
-    with cluster, Client(cluster) as client:
+    with Client(cluster) as client:
         for name, spec in SPECS.items():
             X = small_sets[name]
             path = write_zarr(tmp_path / f"{name}.zarr", X, 250)
