@@ -2,7 +2,7 @@
 
 Real components only: moto's S3 server on 127.0.0.1 (in this process, through
 s3fs), a local ``http.server`` serving Zarr directories, one 2-worker
-LocalCluster (module fixture, reached with ``--scheduler``), Debian's SLURM
+LocalCluster (conftest's shared one, reached with ``--scheduler``), Debian's SLURM
 daemons when installed. Tests marked ``# Found by review (fixed):`` fail on purpose on the code
 under review; the others add coverage of what works.
 """
@@ -96,12 +96,9 @@ def http_dir():
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """The module's one LocalCluster (2 workers, 1 thread each); the CLI reaches it with --scheduler."""
-    from streamem.cluster import local_cluster
-
-    with local_cluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB") as cluster:
-        yield cluster.scheduler_address
+def scheduler(cluster) -> str:
+    """The address of conftest's shared LocalCluster (2 workers, 1 thread each); the CLI reaches it with --scheduler."""
+    return cluster.scheduler_address
 
 
 def _write(target, X: np.ndarray, chunk_rows: int = 500) -> None:

@@ -54,13 +54,12 @@ def test_same_parameter_names_and_defaults_as_sklearn(name):
 
 # --------------------------------------- issue 13: clone with a live client
 @pytest.fixture(scope="module")
-def client():
-    """A real distributed.Client on a LocalCluster bound to loopback."""
-    from distributed import Client, LocalCluster
+def client(cluster):
+    """A real distributed.Client on conftest's shared LocalCluster (bound to loopback)."""
+    from distributed import Client
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0") as lc:
-        with Client(lc) as c:
-            yield c
+    with Client(cluster) as c:
+        yield c
 
 
 def test_clone_shares_the_client_and_copies_the_rest(client):
