@@ -1,9 +1,9 @@
 """``--performance-report FILE.html`` on fit, update and predict (issue 16, item 4).
 
 The commands run through :func:`streamem.cli.main` in process (the
-report is about the run, not the process): fit and update on one shared
-1-worker cluster given by ``--scheduler`` (so that a report holding another
-run's tasks would show), predict on a 1-worker LocalCluster of its own. The
+report is about the run, not the process): fit and update on conftest's
+shared 2-worker cluster given by ``--scheduler`` (so that a report holding
+another run's tasks would show), predict on a 1-worker LocalCluster it starts. The
 report is Dask's own (distributed's
 ``performance_report``, drawn with bokeh). Its content is checked for the
 names of the tasks each command ran (the functions of streamem's task
@@ -39,15 +39,6 @@ def data_path(X, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared() -> tuple:
-    """``--scheduler ADDRESS`` of a 1-worker, 1-thread LocalCluster the module's runs share (one start, not four)."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as lc:
-        yield ("--scheduler", lc.scheduler_address)
-
-
-@pytest.fixture(scope="module")
 def model_path(X, tmp_path_factory) -> str:
     model = quiet_fit(streamem.GaussianMixture(n_components=3, tol=0, max_iter=3, **inits("full")), X)
     path = tmp_path_factory.mktemp("report-model") / "model.zarr"
@@ -63,9 +54,9 @@ def report_text(path) -> str:
     return text
 
 
-def n_tasks(text: str) -> int:
-    """The task count of the report's summary (with its one worker and thread)."""
-    assert re.search(r"Workers: 1 &lt;/li&gt;.*Threads: 1 &lt;/li&gt;", text), "the summary names the cluster"
+def n_tasks(text: str, workers: int = 1, threads: int = 1) -> int:
+    """The task count of the report's summary, which names the cluster's workers and threads."""
+    assert re.search(rf"Workers: {workers} &lt;/li&gt;.*Threads: {threads} &lt;/li&gt;", text), "the summary names the cluster"
     return int(re.search(r"number of tasks: (\d+)", text).group(1))
 
 
@@ -76,10 +67,13 @@ def only_entry(directory, name: str) -> None:
     assert name in os.listdir(directory)
 
 
-def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, shared, tmp_path):
+def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, cluster, scheduler_flags, tmp_path):
     """One test (the module's only cluster runs): each command's report names the tasks it ran, and only those."""
     reports = tmp_path / "reports"
     reports.mkdir()
+    shared = scheduler_flags
+    workers = cluster.scheduler_info["workers"].values()
+    size = {"workers": len(workers), "threads": sum(w["nthreads"] for w in workers)}  # 2 and 2
 
     # fit: batch EM passes run one task per group of chunks (_run_group).
     fit_report = reports / "fit.html"
@@ -89,7 +83,7 @@ def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, sh
     proc = check_ok(cli_main("fit", data_path, "--out", out, *flags, *shared, "--performance-report", fit_report))
     assert f"wrote performance report {fit_report}" in proc.stderr
     text = report_text(fit_report)
-    assert "_run_group" in text and n_tasks(text) >= 3  # 3 passes at least
+    assert "_run_group" in text and n_tasks(text, **size) >= 3  # 3 passes at least
     only_entry(reports, "fit.html")
     # The report changes nothing else: the model is the library's.
     reference = quiet_fit(streamem.GaussianMixture(n_components=3, tol=0, max_iter=3, random_state=0), data_path)
@@ -101,7 +95,7 @@ def test_fit_update_and_predict_write_their_reports(X, data_path, model_path, sh
                       "--performance-report", update_report))  # fmt: skip
     text = report_text(update_report)
     assert "_run_link" in text and "zarr-read" in text
-    assert n_tasks(text) >= 4 + 4  # at least the links and the reads of the 4 chunks
+    assert n_tasks(text, **size) >= 4 + 4  # at least the links and the reads of the 4 chunks
     assert "_run_group" not in text  # the report covers this run only (fit ran on the same scheduler)
 
     # predict: labels per chunk (_block_labels, fused by Dask with the chunk's read and its store into one task);
