@@ -18,7 +18,7 @@ import warnings
 import dask.array as da
 import numpy as np
 import pytest
-from _common import make_data, make_inits
+from _common import make_data
 from conftest import write_zarr
 from scipy.special import gammaln, logsumexp
 from sklearn.base import clone
