@@ -591,7 +591,10 @@ def load_model(path: Any, storage_options: dict[str, Any] | None = None) -> Any:
         raise ValueError(f"{name!r} names family {family_name!r} but model class {cls.__name__} "
                          f"(family {cls.family_class.name!r}): the file is not consistent")  # fmt: skip
     try:
-        model = cls(**json.loads(ds.attrs["params"]))
+        params = json.loads(ds.attrs["params"])
+        if params.get("algorithm") == "stepwise":
+            params.setdefault("average", False)  # a stepwise fit saved before averaging existed did not average
+        model = cls(**params)
         if ds.attrs.get("init_weights") is not None:  # learn_weights=False keeps them
             model.weights_init = np.asarray(ds.attrs["init_weights"], dtype=np.float64)
         model.prior_ = _from_json(json.loads(ds.attrs.get("prior", "null")))

@@ -82,7 +82,7 @@ class OnlineSettings:
     step_size: float | None = None
     shuffle: bool = True
     rows: float = 1.0
-    average: bool = False
+    average: bool = True
 
     def weight(self, t: float, n_rows: float) -> float:
         """Stepwise weight of a mini-batch of ``n_rows`` rows at step ``t``.

@@ -371,7 +371,9 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
                     batch_em(passes, family, runs, callback=callback, **common)
                 else:
                     seed = _shuffle_seed(self.random_state)
-                    rows = float(data.n_samples + (self.n_rows_seen_ if continuing else 0))
+                    # The rows the running averages stand for (a prior weighs against them): this fit's, and in
+                    # an update the rows seen before it; a warm-started re-fit of the same rows learns them once.
+                    rows = float(data.n_samples + getattr(self, "_rows_before_update", 0))
                     online_em(passes, family, runs, replace(self._online_settings(), rows=rows), seed=seed, monitor=self.monitor, callback=callback, **common)
         finally:
             passes.close()
@@ -414,7 +416,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         run: ``n_init`` does not apply). Later calls, and calls after
         :meth:`fit` or on a loaded model, continue from the model's online
         state (``online_stats_``, ``n_steps_``): the step counter and the
-        averaged statistics carry over from call to call, so calls over the
+        running statistics carry over from call to call, so calls over the
         chunks of a data set in order equal one stepwise pass with
         ``shuffle=False``. A model without online state (saved by an older
         streamem) continues as if after a batch fit on the rows it was
@@ -517,6 +519,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             if step_size is None:
                 self._check_parameters()
                 self.n_steps_ = steps_for_rows(seen, self._online_settings())
+            self._rows_before_update = seen
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0: a fixed number of passes
                 self.fit(X, variable=variable, sample_dim=sample_dim, missing_chunks=missing_chunks,
@@ -527,6 +530,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
             vars(self).update(learned)
             raise
         finally:
+            vars(self).pop("_rows_before_update", None)
             self.set_params(**settings)
         self.n_rows_seen_ = seen + passes * self.fit_data_["shape"][0]
         return self
