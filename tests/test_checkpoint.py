@@ -159,7 +159,7 @@ def _wait_for_new_state(proc: subprocess.Popen, ckpt: str, previous: str | None,
     pytest.fail("no new checkpoint state appeared")
 
 
-def test_sigkill_at_random_moments_then_resume(tmp_path):
+def test_sigkill_at_random_moments_then_resume(tmp_path, scheduler_flags):
     data = write_zarr(tmp_path / "data.zarr", mixture_sample(160_000, seed=35, spread=SPREAD), 20_000)
     ckpt = str(tmp_path / "ckpt")
     out = tmp_path / "model.zarr"
@@ -200,8 +200,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         assert all(np.isfinite(a).all() for a in arrays.values())
         last_iteration, pointer = iteration, _pointer(ckpt)
 
-    # The resume that finishes: in this process (no interpreter start), on a LocalCluster as the killed runs.
-    check_ok(cli_main(*args))
+    # The resume that finishes: in this process (no interpreter start), on conftest's shared cluster (no start either).
+    check_ok(cli_main(*args, *scheduler_flags))
     model = streamem.load(out)
     assert model.n_iter_ == KILL_MAX_ITER
     assert_same_params(model, reference, RTOL)

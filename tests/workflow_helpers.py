@@ -122,9 +122,14 @@ def main_in_process(args, stdout, stderr, cwd: str | None = None, fds: bool = Tr
     ``sys.stdout``/``sys.stderr`` are the streams; so are the stderr log handlers
     and, with ``fds``, file descriptors 1 and 2 (their text is appended at the
     end). The process is left as it was found: working directory, environment,
-    logger levels (a quiet command silences Dask's loggers), warning filters.
+    logger levels (a quiet command silences Dask's loggers), warning filters,
+    Dask's configuration. A command that leaves Dask's scheduler setting
+    changed fails the test (after the restoration): the next computation of the
+    process (a notebook's, a test's) would go to a scheduler that is gone.
     """
     import contextlib
+
+    import dask
 
     from streamem.cli import main
 
@@ -149,8 +154,12 @@ def main_in_process(args, stdout, stderr, cwd: str | None = None, fds: bool = Tr
             else:
                 print(exc.code, file=sys.stderr)
                 code = 1
+        scheduler_after = dask.config.get("scheduler", None)
     stdout.write(written.get(1, ""))
     stderr.write(written.get(2, ""))
+    assert scheduler_after == dask.config.get("scheduler", None), (
+        f"streamem {' '.join(map(str, args))}: main() left dask's 'scheduler' setting at {scheduler_after!r} "
+        f"(was {dask.config.get('scheduler', None)!r}); exit {code}, stderr: {stderr.getvalue()[-500:]!r}")
     return code
 
 
@@ -167,8 +176,11 @@ def _all_loggers() -> list:
 @contextlib.contextmanager
 def _process_state_kept():
     """Restore the working directory, the environment, logger levels and warning filters on exit."""
+    import dask
+
     here, environ = os.getcwd(), dict(os.environ)
     levels = {lg: lg.level for lg in _all_loggers()}
+    config = _dict_copy(dask.config.config)
     try:
         with warnings.catch_warnings():
             yield
@@ -178,6 +190,13 @@ def _process_state_kept():
         os.environ.update(environ)
         for lg in _all_loggers():
             lg.setLevel(levels.get(lg, 0))
+        dask.config.config.clear()
+        dask.config.config.update(config)
+
+
+def _dict_copy(d: dict) -> dict:
+    """A copy of nested dicts (the values themselves, clients say, are not copied)."""
+    return {k: _dict_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 @contextlib.contextmanager
