@@ -135,7 +135,9 @@ def test_same_settings_resume_from_the_refusal_fixture(checkpointed, data_path):
 
 # --------------------------------------------------------------- SIGKILL test
 KILL_MAX_ITER = 40
-N_KILLS = 3
+#: --workers of each killed run: the first on a LocalCluster (its worker process dies with it, as a node would),
+#: the others with Dask's threads (a cluster costs seconds to start; the checkpoint is the client's either way).
+KILLED_RUN_WORKERS = (1, 0, 0)
 
 
 def _pointer(ckpt: str) -> str | None:
@@ -159,17 +161,15 @@ def _wait_for_new_state(proc: subprocess.Popen, ckpt: str, previous: str | None,
     pytest.fail("no new checkpoint state appeared")
 
 
-def test_sigkill_at_random_moments_then_resume(tmp_path, scheduler_flags):
+def test_sigkill_at_random_moments_then_resume(tmp_path):
     data = write_zarr(tmp_path / "data.zarr", mixture_sample(160_000, seed=35, spread=SPREAD), 20_000)
     ckpt = str(tmp_path / "ckpt")
     out = tmp_path / "model.zarr"
     settings = dict(n_components=3, tol=0.0, max_iter=KILL_MAX_ITER, random_state=0)
     args = [
         "fit", data, "--out", out, "--checkpoint", ckpt, "--resume",
-        "--n-components", 3, "--tol", 0, "--max-iter", KILL_MAX_ITER, "--random-state", 0,
-        "--workers", 1, "--threads-per-worker", 1, "--quiet",
+        "--n-components", 3, "--tol", 0, "--max-iter", KILL_MAX_ITER, "--random-state", 0, "--threads-per-worker", 1, "--quiet",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "streamem.cli", *map(str, args)]
 
     reference = quiet_fit(streamem.GaussianMixture(**settings), data)
     assert reference.n_iter_ == KILL_MAX_ITER
@@ -178,7 +178,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, scheduler_flags):
 
     rng = random.Random(20240607)
     last_iteration, pointer = 0, None
-    for _ in range(N_KILLS):
+    for workers in KILLED_RUN_WORKERS:
+        command = [sys.executable, "-m", "streamem.cli", *map(str, args), "--workers", str(workers)]
         # Its own session, so that SIGKILL reaches the LocalCluster's worker processes too (a node dying).
         proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
@@ -200,8 +201,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, scheduler_flags):
         assert all(np.isfinite(a).all() for a in arrays.values())
         last_iteration, pointer = iteration, _pointer(ckpt)
 
-    # The resume that finishes: in this process (no interpreter start), on conftest's shared cluster (no start either).
-    check_ok(cli_main(*args, *scheduler_flags))
+    # The resume that finishes: in this process (no interpreter start), with Dask's threads.
+    check_ok(cli_main(*args, "--workers", 0))
     model = streamem.load(out)
     assert model.n_iter_ == KILL_MAX_ITER
     assert_same_params(model, reference, RTOL)
