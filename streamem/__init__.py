@@ -8,6 +8,7 @@ answer a Ctrl-C during its imports with one line (:mod:`streamem._entry`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +39,16 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
+    """A public name or a submodule (``streamem.families``), imported on first use."""
+    if name in _PUBLIC:
+        module, attribute = _PUBLIC[name]
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        module, attribute = f"{__name__}.{name}", None
+    else:
         raise AttributeError(f"module 'streamem' has no attribute {name!r}")
-    module, attribute = _PUBLIC[name]
     importlib.import_module("streamem.estimators")  # model files name their class: every built-in one is registered
-    value = getattr(importlib.import_module(module), attribute)
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
     globals()[name] = value
     return value
 
