@@ -1,6 +1,6 @@
 """On a real distributed.LocalCluster with 2 worker processes (DESIGN.md §6).
 
-The cluster starts once for this module (the ``cluster`` fixture in
+The cluster starts once for the whole run (the ``cluster`` fixture in
 conftest.py). Tests check both that the results are scikit-learn's and that
 the work really ran on the cluster (its task stream), or did not when it
 should not.
@@ -111,3 +111,17 @@ def test_predictions_computed_on_the_cluster(X, zarr_path, client):
     assert _n_tasks(ts) > 0
     assert_allclose(values, ref.predict_proba(X), rtol=RTOL, atol=1e-200)
     assert_allclose(model.score(zarr_path), ref.score(X), rtol=RTOL)
+
+
+def test_a_fresh_process_imports_the_module_a_task_names_first(module: str = "streamem.data"):
+    """A new worker process unpickles a task and so imports the module its function lives in before any other of
+    streamem (a worker started by ``streamem predict`` meets ``streamem.data`` first): that import must work alone.
+
+    (Found while trimming the suite: after ``import streamem`` became lazy, ``import streamem.data`` in a fresh
+    interpreter failed with a circular import, and the workers of a new LocalCluster never ran a task.)
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
