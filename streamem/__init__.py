@@ -46,7 +46,8 @@ def __getattr__(name: str) -> Any:
         module, attribute = f"{__name__}.{name}", None
     else:
         raise AttributeError(f"module 'streamem' has no attribute {name!r}")
-    importlib.import_module("streamem.estimators")  # model files name their class: every built-in one is registered
+    # Only the module asked for: ``from streamem import storage`` inside a submodule must not import the estimators
+    # (a circular import). streamem.io.load_model registers the built-in estimator classes itself.
     value = importlib.import_module(module)
     value = value if attribute is None else getattr(value, attribute)
     globals()[name] = value
