@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from typing import Any
 
 import numpy as np
@@ -36,14 +34,15 @@ def generate(
 
     Chunks are drawn and written one at a time, so memory stays at one chunk;
     every chunk has its own random stream (the data do not depend on how
-    many chunks are written at once). The store is written under a temporary
-    name and renamed when complete. The true parameters are stored in the
+    many chunks are written at once). The store appears complete or not at
+    all (:func:`streamem.io.atomic_write`); ``path`` may be a URL. The true parameters are stored in the
     array's attributes (``weights``, ``means``, ``covariances``, ``seed``).
 
     Parameters
     ----------
     path : str or os.PathLike
-        Where to write the store.
+        Where to write the store: a local path (a symbolic link's target
+        is written) or a URL.
     n_samples, n_features, n_components : int
         Size of the data and number of mixture components.
     chunk_rows : int, default=65536
@@ -63,7 +62,8 @@ def generate(
     FileExistsError
         ``path`` exists and ``overwrite`` is false.
     """
-    from streamem.io import GENERATED_FORMAT, check_replaceable
+    from streamem import storage
+    from streamem.io import GENERATED_FORMAT, atomic_write, check_replaceable
 
     for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components), ("chunk_rows", chunk_rows)):
         if int(value) != value or value < 1:
@@ -72,30 +72,30 @@ def generate(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    path = os.path.expanduser(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if storage.is_remote(path):
+        where: Any = path
+    else:  # one spelling: 'g.zarr/.' is g.zarr, and a symbolic link's data are replaced where they are
+        given = os.path.expanduser(os.fspath(path))
+        where = os.path.realpath(given)
+        if (os.path.lexists(given) or os.path.lexists(where)) and not overwrite:
+            raise FileExistsError(f"{os.fspath(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
     if overwrite:  # before any work: the user's directory (the current one, even) is never deleted
-        check_replaceable(path, formats=(GENERATED_FORMAT,))
+        check_replaceable(where, formats=(GENERATED_FORMAT,))
     truth = mixture_parameters(n_components, n_features, seed)
     chol = np.linalg.cholesky(truth["covariances"])
-    path = path.rstrip(os.sep) or os.sep
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(target: Any) -> None:
         arr = zarr.create_array(
-            tmp, shape=(n_samples, n_features), chunks=(chunk_rows, n_features), dtype=dtype, compressors=None, zarr_format=3
+            target, shape=(n_samples, n_features), chunks=(chunk_rows, n_features), dtype=dtype, compressors=None, zarr_format=3
         )
         arr.attrs.update({k: v.tolist() for k, v in truth.items()} | {"seed": seed, "generator": "streamem.generate", "format": GENERATED_FORMAT})
         for i, start in enumerate(range(0, n_samples, chunk_rows)):
             rows = min(chunk_rows, n_samples - start)
             arr[start : start + rows] = _draw(truth, chol, rows, np.random.default_rng([seed, 1, i])).astype(dtype)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return zarr.open_array(path, mode="r")
+
+    # Complete or absent, locally and at a URL: the writers' own protocol (a temporary name and a swap, or root metadata last).
+    atomic_write(where, write, overwrite=overwrite, formats=(GENERATED_FORMAT,))
+    return zarr.open_array(storage.open_store(where, None, read_only=True) if storage.is_remote(where) else where, mode="r")
 
 
 def _draw(truth: dict[str, Any], chol: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:

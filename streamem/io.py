@@ -39,7 +39,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from streamem import storage
+import streamem.storage as storage  # not "from streamem import": that asks streamem.__getattr__, which imports the estimators (and io) first
 
 #: Increase when the layout changes; readers refuse newer versions.
 FORMAT_VERSION = 1
@@ -77,7 +77,12 @@ def params_dataset(params: Any, family: Any, feature_coord: np.ndarray | None = 
 
 
 def atomic_write(
-    path: Any, write: Callable[[Any], None], *, overwrite: bool, storage_options: dict[str, Any] | None = None
+    path: Any,
+    write: Callable[[Any], None],
+    *,
+    overwrite: bool,
+    storage_options: dict[str, Any] | None = None,
+    formats: tuple[str, ...] = STREAMEM_FORMATS,
 ) -> None:
     """Call ``write(tmp)`` for a temporary path beside ``path``, then move it into place.
 
@@ -90,8 +95,9 @@ def atomic_write(
 
     An existing ``path`` is refused (FileExistsError) unless ``overwrite``;
     it is replaced only after the new store is complete and on disk, and
-    only when it is a store streamem wrote (:func:`check_replaceable`,
-    checked before ``write`` is called). ``~`` in ``path`` is expanded.
+    only when it is a store of ``formats`` (:func:`check_replaceable`,
+    checked before ``write`` is called). ``~`` in ``path`` is expanded and
+    the path normalised (``g.zarr/.`` is ``g.zarr``, never a name inside it).
 
     On Linux the new store is swapped in with ``renameat2(RENAME_EXCHANGE)``
     (and created with ``RENAME_NOREPLACE``): at every moment ``path`` holds
@@ -105,13 +111,15 @@ def atomic_write(
     later one wins).
     """
     if storage.is_remote(path):
-        storage.write_store(path, write, overwrite=overwrite, storage_options=storage_options, replaceable=_foreign_attrs)
+        storage.write_store(path, write, overwrite=overwrite, storage_options=storage_options,
+                            replaceable=lambda attrs: _foreign_attrs(attrs, formats))  # fmt: skip
         return
-    path = os.path.expanduser(os.fspath(path)).rstrip(os.sep) or os.sep
+    # normpath: 'g.zarr/.' would put the temporary store inside g.zarr and rename onto '.'.
+    path = os.path.normpath(os.path.expanduser(os.fspath(path)))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; pass overwrite=True (--overwrite) to replace it")
     if overwrite:
-        check_replaceable(path)
+        check_replaceable(path, formats=formats)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write {path!r}: directory {parent!r} does not exist")
@@ -177,7 +185,15 @@ def _refusal(where: str, held: str, formats: tuple[str, ...]) -> str:
 def _foreign_attrs(attrs: dict[str, Any], formats: tuple[str, ...] = STREAMEM_FORMATS) -> str | None:
     """What a Zarr store with root attributes ``attrs`` is, when it is not one of ``formats`` (None: it is)."""
     fmt = attrs.get("format")
-    return None if fmt in formats else f"a Zarr store whose 'format' attribute is {fmt!r}"
+    if fmt in formats or (fmt is None and GENERATED_FORMAT in formats and _generated_before_format(attrs)):
+        return None
+    return f"a Zarr store whose 'format' attribute is {fmt!r}"
+
+
+def _generated_before_format(attrs: dict[str, Any]) -> bool:
+    """Data ``streamem generate`` wrote before it stamped a ``format``: its ``generator`` attribute
+    and the true parameters (a user's array with a stray ``generator`` key alone is not)."""
+    return attrs.get("generator") == "streamem.generate" and {"weights", "means", "covariances", "seed"} <= attrs.keys()
 
 
 def _foreign_content(path: str, formats: tuple[str, ...] = STREAMEM_FORMATS) -> str | None:
@@ -196,10 +212,9 @@ def _foreign_content(path: str, formats: tuple[str, ...] = STREAMEM_FORMATS) -> 
             with open(meta_path) as fh:
                 doc = json.load(fh)
             attrs = doc.get(key, {}) if key else doc
-            fmt = attrs.get("format") if isinstance(attrs, dict) else None
         except (OSError, ValueError, AttributeError):
             return f"a directory with an unreadable {meta}"
-        return None if fmt in formats else f"a Zarr store whose 'format' attribute is {fmt!r}"
+        return _foreign_attrs(attrs if isinstance(attrs, dict) else {}, formats)
     if os.path.isfile(os.path.join(path, ".zarray")) or os.path.isfile(os.path.join(path, ".zgroup")):
         return "a Zarr store whose 'format' attribute is None"
     return "a directory that is not a Zarr store"
