@@ -734,8 +734,18 @@ def check_performance_report(args: argparse.Namespace, settings: dict[str, Any])
         raise UsageError(f"--performance-report: {path!r} is a directory; give a file name such as report.html")
     check_distinct(("--performance-report", path), ("--out", getattr(args, "out", None)), ("data", args.data),
                    ("model", getattr(args, "model", None)), ("--checkpoint", settings.get("checkpoint")),
-                   ("--config", getattr(args, "config", None)))  # fmt: skip
+                   ("--config", getattr(args, "config", None)), *_input_files(settings))  # fmt: skip
     return path
+
+
+def _input_files(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """The files and stores a command reads besides its data and model, named as their flags:
+    ``--init-from``, the ``--*-init`` .npy files and a ``--prior`` file (a report written there would replace them)."""
+    names = ["init_from", *_NPY_OPTIONS]
+    prior = settings.get("prior")
+    if isinstance(prior, str) and prior != "default":
+        names.append("prior")
+    return [(_flag(name), settings[name]) for name in names if isinstance(settings.get(name), (str, os.PathLike))]
 
 
 @contextlib.contextmanager
@@ -799,6 +809,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     check_distinct(("--out", args.out), ("--checkpoint", settings.get("checkpoint")), ("data", args.data), may_hold=["--checkpoint"])
     # --out may replace the --init-from model (read before the fit starts), not be written inside it.
     check_distinct(("--out", args.out), ("--init-from", settings.get("init_from")), may_be=["--init-from"])
+    # A checkpoint written inside the --init-from model would make that model a foreign Zarr hierarchy.
+    check_distinct(("--checkpoint", settings.get("checkpoint")), ("--init-from", settings.get("init_from")), may_hold=["--checkpoint"])
     report = check_performance_report(args, settings)
     where = data_keywords(settings)
     data = streamem.load_data(args.data, **where)  # lazy: fail before the cluster starts
@@ -1282,8 +1294,9 @@ def cmd_reduce(args: argparse.Namespace) -> None:
 
     options = merged_settings(args).get("storage_options")
     check_out(args.out, args.overwrite, storage_options=options)
-    # --out may replace --model (an iteration in place), not a shard.
+    # --out may replace --model (an iteration in place), not a shard, nor be written inside --model.
     check_distinct(("--out", args.out), *(("statistics store", path) for path in args.stats))
+    check_distinct(("--out", args.out), ("--model", args.model), may_be=["--model"])
     model = reduce_stats(streamem.load(args.model, storage_options=options), args.stats, storage_options=options)
     model.save(args.out, overwrite=args.overwrite, storage_options=options)
     _say(args.quiet, f"one EM iteration from {len(args.stats)} shards: mean log-likelihood {model.lower_bound_:.10g}; saved {args.out}")
