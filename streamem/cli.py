@@ -155,6 +155,8 @@ EXTRA_KEYS = {"cluster": dict, "storage_options": dict}
 STORAGE_OPTION_HELP = ("an option of the fsspec backend of every URL given (s3://, gs://, https://, ...), repeatable; "
                        "KEY.SUB=VALUE sets a nested one (client_kwargs.endpoint_url=http://...); VALUE is a YAML "
                        "number, true/false/null, or else text. Never written or logged")  # fmt: skip
+#: Text options whose YAML value may be a float, read as the flag's text (memory_limit: 0.5, a fraction of the memory).
+_NUMBER_AS_TEXT = frozenset({"memory_limit"})
 _NPY_OPTIONS = ("weights_init", "means_init", "precisions_init", "probs_init", "rates_init")
 
 
@@ -209,6 +211,8 @@ def _yaml_value(option: Option, value: Any) -> Any:
         Naming the key, the type expected and the value given.
     """
     types = option.type if isinstance(option.type, tuple) else (option.type,)
+    if option.name in _NUMBER_AS_TEXT and isinstance(value, float) and not isinstance(value, bool):
+        return repr(value)  # memory_limit: 0.5 is the flag's --memory-limit 0.5 (a fraction), checked with it
     if isinstance(value, bool):  # YAML's true/false/yes/no: only for a bool option
         if bool in types:
             return value
@@ -304,25 +308,53 @@ def check_cluster_settings(args: argparse.Namespace, settings: dict[str, Any]) -
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{_origin(args, name)}: must be a finite positive number of seconds, got {value!r}")
     limit = settings.get("memory_limit")
-    if limit is not None and not _memory_limit_ok(limit):
-        raise UsageError(f"{_origin(args, 'memory_limit')}: expected 'auto', a size such as 4GiB or 500MB, a number of "
-                         f"bytes, or a fraction of this machine's memory (at most 1; 0: no limit), got {limit!r}")  # fmt: skip
+    if limit is not None:
+        problem = _memory_limit_problem(limit)
+        if problem is not None:
+            raise UsageError(f"{_origin(args, 'memory_limit')}: {problem}")
+    workers = settings.get("workers", 2)
+    if workers < 0:
+        raise UsageError(f"{_origin(args, 'workers')}: must be at least 0 (0: no cluster, threads in this process), got {workers}")
+    threads = settings.get("threads_per_worker", 1)
+    if threads < 1:
+        raise UsageError(f"{_origin(args, 'threads_per_worker')}: must be at least 1, got {threads}")
+    if "cluster" in settings and not settings.get("scheduler"):  # the section is used: its kind and jobs now, not at the start
+        check_cluster_section(settings["cluster"], run=hasattr(args, "workers"))  # a command that starts a cluster
 
 
-def _memory_limit_ok(limit: str) -> bool:
-    """Whether ``distributed`` reads ``limit`` as a memory limit: 'auto', a number of bytes (or a fraction, <= 1), a size."""
-    from dask.utils import parse_bytes
+#: A worker's memory limit below this is a mistake (``--memory-limit 16`` meant 16 GiB): a worker needs more to import.
+MIN_MEMORY_LIMIT = 64 * 2**20
 
+
+def _memory_limit_problem(limit: str) -> str | None:
+    """What is wrong with ``limit`` as ``distributed`` reads a memory limit (None: nothing): 'auto', a size (4GiB),
+    a number of bytes of at least 64 MiB, or a fraction of the machine's memory in [0, 1] (0: no limit)."""
+    from dask.utils import format_bytes, parse_bytes
+
+    allowed = (f"expected 'auto', a size such as 4GiB or 500MB (at least {format_bytes(MIN_MEMORY_LIMIT)}), "
+               f"or a fraction of this machine's memory (at most 1; 0: no limit), got {limit!r}")  # fmt: skip
     if limit == "auto":
-        return True
+        return None
     try:
         number = float(limit)
     except ValueError:
         try:
-            return parse_bytes(limit) >= 0
+            number = parse_bytes(limit)
         except (ValueError, TypeError):
-            return False
-    return number >= 0 and math.isfinite(number)
+            return allowed
+        if number < 0:
+            return allowed
+    else:
+        if not (number >= 0 and math.isfinite(number)):
+            return allowed
+        if number <= 1:  # a fraction (0: no limit)
+            return None
+    if number < MIN_MEMORY_LIMIT:
+        bare = isinstance(limit, str) and limit.strip().replace(".", "", 1).isdigit()  # 16: the unit forgotten
+        hint = f"; for gigabytes write {limit.strip()}GiB" if bare else ""
+        return (f"{limit!r} is {int(number)} bytes per worker, below the {format_bytes(MIN_MEMORY_LIMIT)} a worker "
+                f"needs{hint} (or 'auto', or a fraction of this machine's memory: at most 1)")
+    return None
 
 
 def storage_option_flags(items: Sequence[str]) -> dict[str, Any]:
@@ -417,19 +449,14 @@ def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
     with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{timeout}s"}):
         if jobs:
             where = f"cluster ({settings['cluster'].get('kind')})"
-            if settings["cluster"].get("jobs", 1) == 0:
-                raise UsageError("--config: cluster.jobs must be at least 1 for a run, got 0")
+            check_cluster_section(settings["cluster"], run=True)
             cluster = jobqueue_cluster(settings["cluster"])
             n_workers, failures = 1, getattr(cluster.job_cls, "failures", None)
         else:
             from streamem.cluster import local_cluster
 
             where = "local cluster"
-            n_workers, failures = settings.get("workers", 2), None
-            if n_workers < 0:
-                raise UsageError(f"--workers: must be at least 0 (0: no cluster, threads in this process), got {n_workers}")
-            if settings.get("threads_per_worker", 1) < 1:
-                raise UsageError(f"--threads-per-worker: must be at least 1, got {settings['threads_per_worker']}")
+            n_workers, failures = settings.get("workers", 2), None  # checked by check_cluster_settings
             if n_workers == 0:
                 # Starting worker processes costs seconds (each imports numpy,
                 # dask and streamem): more than a small run's whole work.
@@ -487,6 +514,29 @@ def _quiet_shutdown() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
+#: The ``cluster:`` section's kinds and dask-jobqueue's classes for them.
+_JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+
+
+def check_cluster_section(section: dict[str, Any], run: bool = False) -> None:
+    """Refuse a ``cluster:`` section's ``kind`` or ``jobs`` before anything is loaded or made.
+
+    ``run``: the section starts the run's cluster, which needs a job (``jobs: 0`` only makes one to scale by hand).
+
+    Raises
+    ------
+    UsageError
+        Naming the key, the value and what is allowed.
+    """
+    kind, jobs = section.get("kind"), section.get("jobs", 1)
+    if kind not in _JOBQUEUE_CLASSES:
+        raise UsageError(f"--config: cluster.kind must be one of {sorted(_JOBQUEUE_CLASSES)}, got {kind!r}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
+        raise UsageError(f"--config: cluster.jobs must be a whole number of batch jobs, got {jobs!r}")
+    if run and jobs == 0:
+        raise UsageError("--config: cluster.jobs must be at least 1 for a run, got 0")
+
+
 def jobqueue_cluster(section: dict[str, Any]) -> Any:
     """A dask-jobqueue cluster from a config's ``cluster:`` section (``kind``, ``jobs``, and the cluster's own keywords).
 
@@ -495,14 +545,11 @@ def jobqueue_cluster(section: dict[str, Any]) -> Any:
     cluster that cannot start (e.g. an ``interface`` this machine lacks),
     is a one-line ``UsageError``.
     """
+    check_cluster_section(section)
     section = dict(section)
     kind = section.pop("kind", None)
     jobs = section.pop("jobs", 1)
-    classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
-    if kind not in classes:
-        raise UsageError(f"--config: cluster.kind must be one of {sorted(classes)}, got {kind!r}")
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
-        raise UsageError(f"--config: cluster.jobs must be a whole number of batch jobs, got {jobs!r}")
+    classes = _JOBQUEUE_CLASSES
     try:
         import dask_jobqueue
     except ImportError:
@@ -1248,7 +1295,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> None:
     import streamem
-    from streamem.plot import image_format, plot_model
+    from streamem.plot import check_sampling, image_format, plot_model
 
     # The file written is the one named (matplotlib would add ".png" to a name without a suffix), checked before any work.
     if os.path.isdir(os.path.expanduser(args.out)):
@@ -1257,6 +1304,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
         image_format(args.out)
     except ValueError as exc:
         raise UsageError(f"--out: {exc}") from None
+    try:
+        check_sampling(args.n_points, args.seed)  # before the model and data are read
+    except ValueError as exc:
+        raise UsageError(cli_words(str(exc), args)) from None
     check_out(args.out, overwrite=True, any_file=True)  # a picture is replaced silently, but its directory must take it
     model = streamem.load(args.model, storage_options=merged_settings(args).get("storage_options"))
     data = None

@@ -12,6 +12,7 @@ the share of sampled rows each component takes next to its weight.
 from __future__ import annotations
 
 import os
+import shutil
 from functools import partial
 from typing import Any, Callable
 
@@ -65,18 +66,18 @@ def plot_model(
     n_points : int, default=5000
         Rows drawn from ``data``, at least 1.
     seed : int, default=0
+        Seed of the rows drawn, from 0 to 2**32 - 1.
 
     Raises
     ------
     ValueError
         Without matplotlib, with ``out`` of no format matplotlib writes,
-        ``n_points`` below 1, ``features`` out of range, or ``features``
+        ``n_points`` below 1, ``seed`` out of range, ``features`` out of range, or ``features``
         for a family other than Gaussian or a one-feature model.
     """
     plt = _pyplot()
     fmt = image_format(out)
-    if isinstance(n_points, bool) or int(n_points) != n_points or n_points < 1:
-        raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
+    check_sampling(n_points, seed)
     if data is not None:
         # The model's own loading: the same feature checks (and alignment) as predict, before any drawing.
         data = model._load_fitted(data, variable=variable, sample_dim=sample_dim)
@@ -88,6 +89,20 @@ def plot_model(
     fig.tight_layout()
     fig.savefig(out, dpi=110, format=fmt)
     plt.close(fig)
+
+
+def check_sampling(n_points: int, seed: int) -> None:
+    """Refuse ``n_points`` below 1 or a ``seed`` numpy does not take (0 to 2**32 - 1), before anything is read.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, the value and what is allowed.
+    """
+    if isinstance(n_points, bool) or int(n_points) != n_points or n_points < 1:
+        raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**32:  # np.random.RandomState's range
+        raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
 
 
 def image_format(out: str | os.PathLike) -> str:
@@ -110,7 +125,21 @@ def image_format(out: str | os.PathLike) -> str:
                          f"{name.rstrip(os.sep) + '.png'!r} (formats: {', '.join(formats)})")  # fmt: skip
     if suffix not in formats:
         raise ValueError(f"{name!r}: matplotlib writes no format {suffix!r}; give a suffix of {', '.join(formats)}")
+    if suffix == "pgf" and not _latex_found():
+        raise ValueError(f"{name!r}: matplotlib writes pgf through LaTeX ({_latex()!r}, rcParams['pgf.texsystem']), "
+                         f"which is not installed here; install it, or give another suffix such as .pdf or .svg")  # fmt: skip
     return suffix
+
+
+def _latex() -> str:
+    import matplotlib
+
+    return str(matplotlib.rcParams["pgf.texsystem"])
+
+
+def _latex_found() -> bool:
+    """Whether the LaTeX that matplotlib's pgf backend runs (to measure text) is on PATH."""
+    return shutil.which(_latex()) is not None
 
 
 def _pyplot() -> Any:
@@ -238,8 +267,9 @@ def principal_axes(sample: np.ndarray, n_axes: int) -> np.ndarray:
 def profile_panels(model: Any, data: Any, features: tuple[int, int] | None, n_points: int, seed: int) -> list[Panel]:
     """Every parameter array per component (lines over the features, or a heatmap); with data, rows per component."""
     if features is not None:
-        raise ValueError(f"features selects a scatter's axes for Gaussian mixtures; a {model._family().name} mixture "
-                         f"draws every feature, got features={list(features)}")  # fmt: skip
+        # "features must": the command line's words turn the subject into --features.
+        raise ValueError(f"features must be None for a {model._family().name} mixture, whose plot draws every feature "
+                         f"(they pick the axes of a Gaussian mixture's scatter), got {list(features)}")  # fmt: skip
     arrays = model._family().param_arrays(model._params())
     arrays.pop("weights")
     panels: list[Panel] = []

@@ -230,7 +230,8 @@ def test_yaml_memory_limit_fraction_as_the_flag(tmp_path, capfd):
     config.write_text("memory_limit: 0.5\n")
     status, _, err = run(capfd, "fit", tmp_path / "no-data.zarr", "--out", tmp_path / "m.zarr", "--config", config)
     line = one_line_error(status, err)
-    assert "memory_limit" not in line and "does not exist" in line, line  # the data are what is wrong
+    # the data are what is wrong (the key as the errors quote it: tmp_path's name holds "memory_limit" too)
+    assert "key 'memory_limit'" not in line and "does not exist" in line, line
 
 
 # DEFECT 9: --workers -1, --threads-per-worker 0 and the cluster section's kind are still checked inside
