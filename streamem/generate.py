@@ -42,7 +42,7 @@ def generate(
     ----------
     path : str or os.PathLike
         Where to write the store: a local path (a symbolic link's target
-        is written) or a URL.
+        is written; missing directories are made) or a URL.
     n_samples, n_features, n_components : int
         Size of the data and number of mixture components.
     chunk_rows : int, default=65536
@@ -93,6 +93,8 @@ def generate(
             rows = min(chunk_rows, n_samples - start)
             arr[start : start + rows] = _draw(truth, chol, rows, np.random.default_rng([seed, 1, i])).astype(dtype)
 
+    if not storage.is_remote(where):  # as zarr did before the atomic write: `make demo` writes data/demo.zarr in a fresh checkout
+        os.makedirs(os.path.dirname(where), exist_ok=True)
     # Complete or absent, locally and at a URL: the writers' own protocol (a temporary name and a swap, or root metadata last).
     atomic_write(where, write, overwrite=overwrite, formats=(GENERATED_FORMAT,))
     return zarr.open_array(storage.open_store(where, None, read_only=True) if storage.is_remote(where) else where, mode="r")
