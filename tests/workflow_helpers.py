@@ -177,6 +177,7 @@ def _all_loggers() -> list:
 def _process_state_kept():
     """Restore the working directory, the environment, logger levels and warning filters on exit."""
     import dask
+    import distributed  # noqa: F401 - its defaults join dask.config on import: copied with the rest, not lost by the restore
 
     here, environ = os.getcwd(), dict(os.environ)
     levels = {lg: lg.level for lg in _all_loggers()}
