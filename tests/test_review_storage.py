@@ -401,7 +401,7 @@ _KILLED_FIT = textwrap.dedent(
     logging.getLogger("streamem").addHandler(Kill())
     logging.getLogger("streamem").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
-    streamem.GaussianMixture(3, random_state=0, tol=0, max_iter=8, init_params="random", persist="never", verbose=1,
+    streamem.GaussianMixture(3, random_state=0, tol=0, max_iter=6, init_params="random", persist="never", verbose=1,
                              verbose_interval=1).fit(f"{url}/data.zarr", checkpoint=f"{url}/ck", storage_options=options)
     """
 )
@@ -413,7 +413,7 @@ def test_a_fit_killed_mid_run_resumes_from_its_s3_checkpoint(s3, endpoint):
     done = subprocess.run([sys.executable, "-c", _KILLED_FIT, endpoint, url], capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr[-2000:]
     assert fs.cat_file(f"{url.removeprefix('s3://')}/ck/LATEST").decode().startswith("state-000003-")
-    kwargs = dict(n_components=3, random_state=0, tol=0, max_iter=8, init_params="random")
+    kwargs = dict(n_components=3, random_state=0, tol=0, max_iter=6, init_params="random")
     resumed = streamem.GaussianMixture(**kwargs).fit(f"{url}/data.zarr", checkpoint=f"{url}/ck", resume=True, storage_options=options)
     full = streamem.GaussianMixture(**kwargs).fit(f"{url}/data.zarr", storage_options=options)
     _same(resumed, full)
