@@ -408,6 +408,27 @@ def _origin(args: argparse.Namespace, name: str) -> str:
 # ------------------------------------------------------------------- cluster
 @contextlib.contextmanager
 def dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
+    """:func:`_dask_client`, leaving Dask's default scheduler as it was however the run ends.
+
+    A client makes itself the default; a run ended by its cluster (workers
+    restarted for memory) could leave that setting behind with no client,
+    and every later Dask computation in the process failed.
+    """
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    try:
+        with _dask_client(settings, quiet) as client:
+            yield client
+    finally:
+        if before is None:
+            dask.config.config.pop("scheduler", None)
+        else:
+            dask.config.set(scheduler=before)
+
+
+@contextlib.contextmanager
+def _dask_client(settings: dict[str, Any], quiet: bool) -> Iterator[Any]:
     """A client for the run: ``--scheduler``, a jobqueue ``cluster:`` section, or a LocalCluster.
 
     Nothing waits for ever on a cluster: workers must join within

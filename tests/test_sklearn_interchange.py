@@ -220,7 +220,7 @@ def test_update_of_a_converted_model(covariance_type, n_samples, eta, X, tmp_pat
     store = write_zarr(tmp_path / "new.zarr", X_new, 2000)
     expected = one_stepwise_step(sk, X_new, eta)
 
-    model = streamem.GaussianMixture.from_sklearn(sk, n_samples=n_samples)
+    model = streamem.GaussianMixture.from_sklearn(sk, n_samples=n_samples).set_params(batch_size=2000)  # one mini-batch
     model.save(tmp_path / "converted.zarr")
     loaded = streamem.load(tmp_path / "converted.zarr")
     for updated in (model.update(store), loaded.update(store)):  # in memory, and after a save and load

@@ -179,6 +179,11 @@ def _process_state_kept():
     import dask
     import distributed  # noqa: F401 - its defaults join dask.config on import: copied with the rest, not lost by the restore
 
+    try:
+        import dask_jobqueue  # noqa: F401 - the same for its defaults (a cluster: section imports it)
+    except ImportError:
+        pass
+
     here, environ = os.getcwd(), dict(os.environ)
     levels = {lg: lg.level for lg in _all_loggers()}
     config = _dict_copy(dask.config.config)
