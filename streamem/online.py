@@ -12,7 +12,9 @@ Stepwise EM keeps averaged statistics ``s``, per row::
 
     s <- (1 - eta_t) s + eta_t * s_batch / n_batch,   eta_t = (t + step_offset) ** -step_decay
 
-(or a constant ``eta``); a mini-batch of ``n`` rows counts as ``n /
+(or a constant ``eta``), and with ``average`` (Polyak-Ruppert) a pass of a
+fit ends at the M-step of ``s`` averaged over the mini-batches of the
+pass's second half; a mini-batch of ``n`` rows counts as ``n /
 batch_size`` steps, with weight ``1 - (1 - eta_t) ** (n / batch_size)``, so
 the weight of a row does not depend on the chunking. Incremental EM keeps
 the last statistics of every mini-batch and their sum ``S``; revisiting a
