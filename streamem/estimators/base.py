@@ -144,7 +144,7 @@ COMMON_PARAMS_DOC = """
         with averaging were within 1e-3 nats/sample of (or above) the batch
         EM optimum after one pass on both 4M sets and after three on the
         400k set; without averaging the noise of such steps kept stepwise
-        4e-3 below it, and with smaller steps (2,000 rows, 0.6 or 0.7) it
+        2e-3 to 1e-2 below it, and with smaller steps (2,000 rows, 0.6 or 0.7) it
         stayed in a poorer optimum of the overlapping set, 5e-3 below.
     step_offset : float, default=2.0
         ``t0 >= 1`` in the steps above (1 makes the first step 1).
