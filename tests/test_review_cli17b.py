@@ -21,9 +21,9 @@ import zarr
 from numpy.testing import assert_array_equal
 
 import streamem
-from streamem.cli import main
 from streamem.generate import generate
-from workflow_helpers import REPO, inits, mixture_sample, quiet_fit, write_zarr
+from workflow_helpers import REPO, inits, listing, mixture_sample, one_line_error, quiet_fit, write_zarr
+from workflow_helpers import run_main as run
 
 N_ROWS = 400
 CHUNK_ROWS = 100
@@ -49,38 +49,6 @@ def stores(rows, tmp_path_factory) -> dict[str, str]:
         "nan": write_zarr(root / "nan.zarr", bad, CHUNK_ROWS),
         "model": os.fspath(root / "model.zarr"),
     }
-
-
-def run(capfd, *argv) -> tuple[object, str, str]:
-    """``streamem ARGV`` in this process: (exit status, stdout, stderr); an escaping exception is the status text."""
-    try:
-        status = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
-    except SystemExit as exc:  # argparse's errors
-        status = exc.code
-    except Exception as exc:  # noqa: BLE001 - what the real command shows as a traceback, exit 1
-        status = f"exception {type(exc).__name__}: {exc}"
-    out, err = capfd.readouterr()
-    return status, out, err
-
-
-def lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def one_line_error(status, err: str, *needles: str) -> str:
-    """Exit status 2 and exactly one line on stderr naming every needle."""
-    assert status == 2, f"exit {status!r}\nstderr:\n{err}"
-    got = lines(err)
-    assert len(got) == 1, f"expected the error alone on stderr, got {len(got)} lines:\n{err}"
-    for needle in needles:
-        assert needle in got[0], f"{needle!r} not in {got[0]!r}"
-    return got[0]
-
-
-def listing(path) -> list[str]:
-    """Every entry under ``path``, to see that an input was left alone."""
-    path = os.fspath(path)
-    return sorted(os.path.relpath(os.path.join(d, n), path) for d, dirs, files in os.walk(path) for n in dirs + files)
 
 
 def file_bytes(path) -> dict[str, bytes]:

@@ -350,3 +350,39 @@ def nightly_bin(tmp_path) -> tuple[str, str, object]:
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return str(bin_dir), str(bin_dir / "streamem-wrapper"), calls
+
+
+# ------------------------------------------------- the review files' in-process command line (test_review_cli17*.py)
+def run_main(capfd, *argv) -> tuple[object, str, str]:
+    """``streamem ARGV`` in this process: (exit status, stdout, stderr); an escaping exception is the status text
+    (what the real command shows as a traceback, exit 1), so that assertions show it."""
+    from streamem.cli import main
+
+    try:
+        status = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
+    except SystemExit as exc:  # argparse's errors
+        status = exc.code
+    except Exception as exc:  # noqa: BLE001
+        status = f"exception {type(exc).__name__}: {exc}"
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def one_line_error(status, err: str, *needles: str) -> str:
+    """Exit status 2 and exactly one line on stderr (nothing before it) naming every needle."""
+    assert status == 2, f"exit {status!r}\nstderr:\n{err}"
+    got = lines(err)
+    assert len(got) == 1, f"expected the error alone on stderr, got {len(got)} lines:\n{err}"
+    for needle in needles:
+        assert needle in got[0], f"{needle!r} not in {got[0]!r}"
+    return got[0]
+
+
+def listing(path) -> list[str]:
+    """Every entry under ``path`` (recursively), to see that an input or a directory was left alone."""
+    path = os.fspath(path)
+    return sorted(os.path.relpath(os.path.join(d, n), path) for d, dirs, files in os.walk(path) for n in dirs + files)
