@@ -120,3 +120,16 @@ def sorted_by_means(model) -> dict:
         out["covariances_"] = model.covariances_[order]
         out["precisions_cholesky_"] = model.precisions_cholesky_[order]
     return out
+
+
+def new_bucket(endpoint: str, key: str, secret: str, prefix: str) -> tuple[str, dict, object]:
+    """A fresh bucket on ``endpoint``: its s3:// URL, the storage options, an s3fs file system."""
+    import uuid
+
+    import s3fs
+
+    options = {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": endpoint}}
+    fs = s3fs.S3FileSystem(**options, use_listings_cache=False)
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return f"s3://{bucket}", options, fs

@@ -77,3 +77,19 @@ def cluster():
 def scheduler_flags(cluster) -> tuple[str, str]:
     """Command-line flags that run a command on the shared cluster (no cluster start of its own)."""
     return ("--scheduler", cluster.scheduler_address)
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """moto's S3 server on 127.0.0.1, a free port, for one module (the object-storage tests import moto to skip without it)."""
+    import logging
+
+    from moto import server as moto_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+

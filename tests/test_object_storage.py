@@ -30,7 +30,7 @@ from numpy.testing import assert_allclose
 from sklearn.exceptions import ConvergenceWarning
 
 pytest.importorskip("s3fs", reason="object-storage tests need s3fs (pip install 'streamem[test]')")
-moto_server = pytest.importorskip("moto.server", reason="object-storage tests need moto[server] (pip install 'streamem[test]')")
+pytest.importorskip("moto.server", reason="object-storage tests need moto[server] (pip install 'streamem[test]')")
 
 import streamem  # noqa: E402
 from streamem import storage  # noqa: E402
@@ -38,7 +38,7 @@ from streamem.cli import main, storage_option_flags, UsageError  # noqa: E402
 from streamem.io import write_dataset  # noqa: E402
 from streamem.mapreduce import accumulate, reduce_stats, write_stats  # noqa: E402
 
-from _common import make_data  # noqa: E402
+from _common import make_data, new_bucket  # noqa: E402
 
 #: Given as a storage option in every test; must never be written, logged or shown.
 SECRET = "s3cr3t-" + uuid.uuid4().hex
@@ -47,27 +47,10 @@ CHUNK_ROWS = 500
 PARAMS = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    """moto's S3 server on 127.0.0.1, a free port, for this module."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(endpoint):
-    """A fresh bucket: (its s3:// URL, the storage options, an s3fs file system)."""
-    import s3fs
-
-    options = {"key": KEY_ID, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}}
-    fs = s3fs.S3FileSystem(**options, use_listings_cache=False)
-    bucket = f"b-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    return f"s3://{bucket}", options, fs
+    """A fresh bucket on conftest's S3 server (endpoint): its s3:// URL, the storage options, an s3fs file system."""
+    return new_bucket(endpoint, KEY_ID, SECRET, "b")
 
 
 def _write(target, X: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> None:
