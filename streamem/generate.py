@@ -63,7 +63,7 @@ def generate(
         ``path`` exists and ``overwrite`` is false.
     """
     from streamem import storage
-    from streamem.io import GENERATED_FORMAT, atomic_write, check_replaceable
+    from streamem.io import GENERATED_FORMAT, atomic_write
 
     for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_components", n_components), ("chunk_rows", chunk_rows)):
         if int(value) != value or value < 1:
@@ -79,8 +79,6 @@ def generate(
         where = os.path.realpath(given)
         if (os.path.lexists(given) or os.path.lexists(where)) and not overwrite:
             raise FileExistsError(f"{os.fspath(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
-    if overwrite:  # before any work: the user's directory (the current one, even) is never deleted
-        check_replaceable(where, formats=(GENERATED_FORMAT,))
     truth = mixture_parameters(n_components, n_features, seed)
     chol = np.linalg.cholesky(truth["covariances"])
 
@@ -95,7 +93,9 @@ def generate(
 
     if not storage.is_remote(where):  # as zarr did before the atomic write: `make demo` writes data/demo.zarr in a fresh checkout
         os.makedirs(os.path.dirname(where), exist_ok=True)
-    # Complete or absent, locally and at a URL: the writers' own protocol (a temporary name and a swap, or root metadata last).
+    # Complete or absent, locally and at a URL: the writers' own protocol (a temporary name and a swap, or root metadata
+    # last). With overwrite, it refuses anything but data generate wrote before write() runs: the user's directory (the
+    # current one, even) is never deleted.
     atomic_write(where, write, overwrite=overwrite, formats=(GENERATED_FORMAT,))
     return zarr.open_array(storage.open_store(where, None, read_only=True) if storage.is_remote(where) else where, mode="r")
 

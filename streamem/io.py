@@ -39,7 +39,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-import streamem.storage as storage  # not "from streamem import": that asks streamem.__getattr__, which imports the estimators (and io) first
+from streamem import storage
 
 #: Increase when the layout changes; readers refuse newer versions.
 FORMAT_VERSION = 1
